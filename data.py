@@ -1,0 +1,272 @@
+"""Corpus, text, audio and batches.
+
+    corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])
+    batches = BucketBatches(durations, batch_seconds=600, seed=0)
+
+A corpus is a LibriSpeech-layout directory (<root>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+with the .flac files beside it) or a TSV manifest (audio path<TAB>transcript, paths relative to
+the manifest). Utterances are batched by total padded audio seconds from length-sorted
+buckets; the batch order is reshuffled every epoch from (seed, epoch), so it can be replayed.
+"""
+import collections
+import hashlib
+import json
+import os
+import sys
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+
+SAMPLE_RATE = 16000
+VOCAB = ["_", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]  # "_" is the blank
+BLANK = 0                                                   # CTCLoss(blank=0)
+CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
+AUDIO_SUFFIXES = (".flac", ".wav")
+LAYOUTS = ("a LibriSpeech-layout directory (<speaker>/<chapter>/<speaker>-<chapter>.trans.txt "
+           "beside the .flac files) or a TSV manifest (audio path<TAB>transcript)")
+# Characters that separate words in running text become spaces rather than vanishing.
+SEPARATORS = str.maketrans({"-": " ", "\u2014": " ", "\u2013": " ", "_": " ", "/": " ", "\u2019": "'"})
+
+
+class DataError(Exception):
+    """A problem with the user's data that stops the run; the message says what to do."""
+
+
+def normalize(text):
+    """Lowercase, strip accents, keep only the vocabulary. Returns (text, characters dropped)."""
+    text = unicodedata.normalize("NFKD", text.lower().translate(SEPARATORS))
+    text = "".join(c for c in text if not unicodedata.combining(c))  # e + accent -> e
+    kept = "".join(c if c in CHAR_TO_ID else " " if c.isspace() else "" for c in text)
+    dropped = sum(1 for c in text if c not in CHAR_TO_ID and not c.isspace())
+    return " ".join(kept.split()).strip(" "), dropped
+
+
+def encode(text):
+    return [CHAR_TO_ID[c] for c in text]
+
+
+def decode_ids(ids):
+    return "".join(VOCAB[i] for i in ids if i != BLANK)
+
+
+# ---------------------------------------------------------------------------------- corpus
+def _read_librispeech(root):
+    """(utt_id, audio path, raw transcript) for every transcript line under root."""
+    items = []
+    for trans in sorted(root.rglob("*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            utt_id, _, text = line.strip().partition(" ")
+            items.append((utt_id, trans.parent / f"{utt_id}.flac", text))
+    return items
+
+
+def _read_manifest(path):
+    items = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        audio, tab, text = line.partition("\t")
+        if not tab:
+            raise DataError(f"{path}:{line_no}: expected 'audio path<TAB>transcript', got {line[:80]!r}")
+        audio = Path(audio)
+        audio = audio if audio.is_absolute() else path.parent / audio
+        items.append((audio.stem, audio, text))
+    return items
+
+
+def _audio_info(paths):
+    """{path: (frames, sample_rate) or None if unreadable} from file headers, cached on disk by
+    (path, size, mtime) so the second start on a large corpus does not reopen every file."""
+    cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctc-baseline"
+    key = hashlib.sha1("\n".join(sorted(str(p) for p in paths)).encode()).hexdigest()[:16]
+    cache_file = cache_dir / f"durations-{key}.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    info, changed = {}, False
+    for p in paths:
+        st = p.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = cache.get(str(p))
+        if entry is None or entry[0] != stamp:
+            try:
+                header = soundfile.info(str(p))
+                entry = [stamp, [header.frames, header.samplerate]]
+            except (RuntimeError, soundfile.LibsndfileError):
+                entry = [stamp, None]
+            cache[str(p)], changed = entry, True
+        info[p] = entry[1]
+    if changed:
+        try:  # a cache we cannot write only costs time on the next start
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    return info
+
+
+def read_corpus(paths, log=print):
+    """Read corpora into a list of dicts {id, path, text, seconds}; log what was skipped and why.
+    Raises DataError naming the path when one holds no usable transcripts."""
+    stats, named = collections.Counter(), collections.defaultdict(list)
+
+    def skip(reason, what):
+        stats[reason] += 1
+        if len(named[reason]) < 3:
+            named[reason].append(str(what))
+
+    utterances = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DataError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
+        items = _read_librispeech(path) if path.is_dir() else _read_manifest(path)
+        if not items:
+            raise DataError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
+        present = [(u, a, t) for u, a, t in items if a.is_file()]
+        for u, a, t in items:
+            if not a.is_file():
+                skip("audio file missing", a)
+        if path.is_dir():
+            listed = {a for _, a, _ in items}
+            for audio in path.rglob("*"):
+                if audio.suffix.lower() in AUDIO_SUFFIXES and audio not in listed:
+                    skip("audio without transcript (ignored)", audio)
+        info, usable_before = _audio_info([a for _, a, _ in present]), len(utterances)
+        for utt_id, audio, raw in present:
+            text, dropped = normalize(raw)
+            stats["characters dropped by normalization"] += dropped
+            if info[audio] is None:
+                skip("not readable as audio", audio)
+            elif info[audio][0] == 0:
+                skip("zero-length audio", audio)
+            elif not text:
+                skip("empty transcript", audio)
+            else:
+                frames, rate = info[audio]
+                utterances.append({"id": utt_id, "path": str(audio), "text": text,
+                                   "seconds": frames / rate})
+        if len(utterances) == usable_before:
+            raise DataError(f"{path}: none of its {len(items)} transcript lines has usable audio "
+                            f"({dict(stats)}). Expected {LAYOUTS}.")
+    log(f"data: {len(utterances)} utterances, {sum(u['seconds'] for u in utterances) / 3600:.1f} h "
+        f"from {', '.join(map(str, paths))}")
+    for reason, count in stats.items():
+        if count:
+            examples = f" (e.g. {', '.join(named[reason])})" if named[reason] else ""
+            log(f"data: {reason}: {count}{examples}")
+    return utterances
+
+
+def filter_trainable(utterances, max_seconds, output_frames, log=print):
+    """Drop what CTC cannot train on: audio over max_seconds, and transcripts that need more
+    output frames than the model produces (each repeated letter costs an extra blank frame)."""
+    kept, too_long, unalignable = [], 0, 0
+    for u, frames in zip(utterances, output_frames([round(u["seconds"] * SAMPLE_RATE) for u in utterances])):
+        ids = encode(u["text"])
+        needed = len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+        if u["seconds"] > max_seconds:
+            too_long += 1
+        elif needed > frames:
+            unalignable += 1
+        else:
+            kept.append(u)
+    if too_long or unalignable:
+        log(f"data: skipped {too_long} utterances longer than --max-seconds {max_seconds} and "
+            f"{unalignable} whose transcript is too long for the model's output frames")
+    return kept
+
+
+# ----------------------------------------------------------------------------------- audio
+def load_audio(path):
+    """Mono float32 waveform at 16 kHz: channels averaged, any other rate resampled."""
+    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    wave = torch.from_numpy(samples.mean(axis=1))
+    if rate != SAMPLE_RATE:
+        wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
+    return wave
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Item i -> (waveform, token ids, text, id), or None when the file cannot be decoded or is
+    silent; collate() drops those, so one bad file costs one utterance, not the run."""
+
+    def __init__(self, utterances):
+        self.utterances = utterances
+
+    def __len__(self):
+        return len(self.utterances)
+
+    def __getitem__(self, i):
+        u = self.utterances[i]
+        try:
+            wave = load_audio(u["path"])
+        except (RuntimeError, soundfile.LibsndfileError, ValueError) as e:
+            print(f"warning: skipping unreadable audio {u['path']}: {e}", file=sys.stderr)
+            return None
+        if not bool(wave.abs().max() > 0):
+            print(f"warning: skipping silent audio {u['path']}", file=sys.stderr)
+            return None
+        return wave, torch.tensor(encode(u["text"]), dtype=torch.long), u["text"], u["id"]
+
+
+def collate(items):
+    """Pad a list of dataset items into one batch dict (waves zero-padded at the end)."""
+    items = [it for it in items if it is not None]
+    waves, targets, texts, ids = zip(*items) if items else ((), (), (), ())
+    return {
+        "waves": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True) if items else torch.zeros(0, 0),
+        "wave_lengths": torch.tensor([len(w) for w in waves], dtype=torch.long),
+        "targets": torch.nn.utils.rnn.pad_sequence(targets, batch_first=True) if items else torch.zeros(0, 0, dtype=torch.long),
+        "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
+        "texts": list(texts), "ids": list(ids),
+    }
+
+
+# --------------------------------------------------------------------------------- batches
+class BucketBatches(torch.utils.data.Sampler):
+    """Batches of similar-length utterances, each at most batch_seconds of padded audio.
+
+    The batches are fixed (sorted by length, so little padding); only their order changes,
+    reshuffled each epoch from (seed, epoch). set_epoch(epoch, start) replays an epoch from its
+    start-th batch, which is how resume continues the same data order. With several ranks each
+    takes every world_size-th batch of the same order, trimmed so all ranks take equal steps.
+    """
+
+    def __init__(self, seconds, batch_seconds, seed=0, shuffle=True, rank=0, world_size=1):
+        order = np.argsort(seconds, kind="stable")
+        self.batches, batch = [], []
+        for i in order:
+            if batch and (len(batch) + 1) * seconds[i] > batch_seconds:  # sorted: i is the longest
+                self.batches.append(batch)
+                batch = []
+            batch.append(int(i))
+        if batch:
+            self.batches.append(batch)
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def epoch_order(self):
+        if not self.shuffle:
+            return self.batches
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = [self.batches[i] for i in torch.randperm(len(self.batches), generator=generator)]
+        per_rank = len(order) // self.world_size
+        return order[self.rank::self.world_size][:per_rank]
+
+    def __len__(self):
+        return len(self.batches) // self.world_size if self.shuffle else len(self.batches)
+
+    def __iter__(self):
+        return iter(self.epoch_order()[self.start:])

@@ -1,0 +1,167 @@
+"""Greedy CTC decoding and corpus-level WER/CER.
+
+    python decode.py runs/<run>/best.pt file.flac                  # prints the transcript
+    python decode.py runs/<run>/best.pt LibriSpeech/test-clean     # id<TAB>hypothesis lines,
+    python decode.py runs/<run>/best.pt a.wav b.flac corpus.tsv    # then WER/CER on stderr
+
+Inputs are audio files (FLAC or WAV, any rate, mono or stereo), LibriSpeech-layout
+directories, directories of audio files and TSV manifests (audio path<TAB>transcript).
+Recordings longer than --window-seconds are cut at their quietest point near each window
+edge, decoded window by window, and the text joined in order.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from model import FRAMES_PER_SECOND, build_from_checkpoint
+
+SEARCH_SECONDS = 2.0  # how far back from a window's edge to look for a pause to cut at
+
+
+def greedy_decode(log_probs, out_lengths):
+    """Best path: argmax per frame, collapse repeats, drop blanks, stop at each output length.
+    A letter repeated with a blank between (e.g. "l _ l") stays double."""
+    best = log_probs.argmax(-1).cpu()                       # (B, T)
+    new_symbol = torch.ones_like(best, dtype=torch.bool)
+    new_symbol[:, 1:] = best[:, 1:] != best[:, :-1]
+    inside = torch.arange(best.shape[1])[None, :] < out_lengths.cpu()[:, None]
+    keep = new_symbol & inside & (best != data.BLANK)
+    return [data.decode_ids(row[k].tolist()) for row, k in zip(best, keep)]
+
+
+def edit_distance(ref, hyp):
+    """Levenshtein distance between two sequences, one numpy row at a time."""
+    ref, hyp = list(ref), list(hyp)
+    if not ref or not hyp:
+        return len(ref) + len(hyp)
+    positions = np.arange(len(hyp) + 1)
+    row = positions.copy()
+    for r in ref:
+        substitute = row[:-1] + np.array([r != h for h in hyp])
+        candidates = np.concatenate([[row[0] + 1], np.minimum(substitute, row[1:] + 1)])
+        # An insertion moves one cell right at cost 1: cur[j] = min_k<=j cand[k] + (j - k).
+        row = np.minimum.accumulate(candidates - positions) + positions
+    return int(row[-1])
+
+
+def error_rates(refs, hyps):
+    """Corpus WER and CER: total edits over total reference words (characters), in percent."""
+    word_edits = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
+    char_edits = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
+    words = sum(len(r.split()) for r in refs)
+    chars = sum(len(r) for r in refs)
+    return 100.0 * word_edits / max(words, 1), 100.0 * char_edits / max(chars, 1)
+
+
+def split_windows(wave, window_seconds):
+    """Cut a long waveform into pieces of at most window_seconds, each cut placed at the
+    quietest 10 ms in the last SEARCH_SECONDS before the window's edge."""
+    window, search, hop = int(window_seconds * data.SAMPLE_RATE), int(SEARCH_SECONDS * data.SAMPLE_RATE), data.SAMPLE_RATE // FRAMES_PER_SECOND
+    pieces, start = [], 0
+    while len(wave) - start > window:
+        tail = wave[start + window - search:start + window]
+        energy = tail[: len(tail) // hop * hop].reshape(-1, hop).pow(2).sum(1)
+        cut = start + window - search + int(energy.argmin()) * hop
+        pieces.append(wave[start:cut])
+        start = cut
+    pieces.append(wave[start:])
+    return pieces
+
+
+def resolve_inputs(paths):
+    """Inputs -> list of (id, audio path, reference text or None); problems go to stderr."""
+    utterances = []
+    for path in map(Path, paths):
+        if path.is_dir() and any(path.rglob("*.trans.txt")) or path.suffix == ".tsv":
+            try:
+                corpus = data.read_corpus([path], log=lambda m: print(m, file=sys.stderr))
+            except data.DataError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            utterances += [(u["id"], u["path"], u["text"]) for u in corpus]
+        elif path.is_dir():
+            audio = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.AUDIO_SUFFIXES)
+            if not audio:
+                print(f"error: {path}: no audio files ({', '.join(data.AUDIO_SUFFIXES)}) and no "
+                      f"transcripts in this directory", file=sys.stderr)
+            utterances += [(p.stem, str(p), None) for p in audio]
+        elif path.is_file():
+            utterances.append((path.stem, str(path), None))
+        else:
+            print(f"error: {path}: no such file or directory", file=sys.stderr)
+    return utterances
+
+
+@torch.no_grad()
+def transcribe(model, waves, device, batch_seconds, window_seconds):
+    """Transcripts for a list of 1-D waveforms, batched by length."""
+    pieces = [(i, piece) for i, wave in enumerate(waves) for piece in split_windows(wave, window_seconds)]
+    seconds = [len(p) / data.SAMPLE_RATE for _, p in pieces]
+    texts = [[] for _ in range(len(pieces))]
+    for batch in data.BucketBatches(seconds, batch_seconds, shuffle=False):
+        chunk = [pieces[j][1] for j in batch]
+        wave_lengths = torch.tensor([len(c) for c in chunk])
+        padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            log_probs, out_lengths = model(padded, wave_lengths)
+        for j, text in zip(batch, greedy_decode(log_probs, out_lengths)):
+            texts[j] = text
+    joined = [[] for _ in waves]
+    for (i, _), text in zip(pieces, texts):
+        if text:
+            joined[i].append(text)
+    return [" ".join(parts) for parts in joined]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="best.pt or last.pt written by train.py")
+    parser.add_argument("inputs", nargs="+", help="audio files, directories or TSV manifests")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
+    parser.add_argument("--window-seconds", type=float, default=30.0, help="longer audio is decoded in windows")
+    args = parser.parse_args()
+    if args.window_seconds <= SEARCH_SECONDS:
+        parser.error(f"--window-seconds must be more than {SEARCH_SECONDS}")
+
+    device = torch.device(args.device)
+    try:
+        model, _ = build_from_checkpoint(args.checkpoint)
+    except (OSError, RuntimeError, KeyError, TypeError) as e:
+        sys.exit(f"error: cannot load checkpoint {args.checkpoint}: {e}")
+    model.to(device).eval()
+
+    utterances = resolve_inputs(args.inputs)
+    ids, waves, refs = [], [], []
+    for utt_id, path, ref in utterances:
+        try:
+            waves.append(data.load_audio(path))
+        except (RuntimeError, ValueError, data.soundfile.LibsndfileError) as e:
+            print(f"error: {path}: cannot read audio: {e}", file=sys.stderr)
+            continue
+        ids.append(utt_id)
+        refs.append(ref)
+    if not waves:
+        sys.exit("error: nothing was decoded")
+    hyps = transcribe(model, waves, device, args.batch_seconds, args.window_seconds)
+
+    if len(args.inputs) == 1 and len(hyps) == 1 and Path(args.inputs[0]).is_file() and refs[0] is None:
+        print(hyps[0])
+        return
+    for utt_id, hyp in zip(ids, hyps):
+        print(f"{utt_id}\t{hyp}")
+    scored = [(r, h) for r, h in zip(refs, hyps) if r is not None]
+    if scored:
+        wer, cer = error_rates(*zip(*scored))
+        print(f"WER {wer:.2f}%  CER {cer:.2f}%  ({len(scored)} utterances with references)", file=sys.stderr)
+    if len(waves) < len(utterances):
+        print(f"warning: {len(utterances) - len(waves)} of {len(utterances)} inputs could not be read",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The acoustic model: padded 16 kHz waveforms + lengths -> CTC log-probabilities + lengths.
+
+    model = CTCModel(ModelConfig())
+    log_probs, out_lengths = model(waves, wave_lengths)   # (B, T, vocab), (B,)
+
+Read top to bottom, this file is the whole path from samples to the CTC loss input:
+log-mel -> per-utterance normalization -> SpecAugment (training only) -> 2-D conv with a
+time stride -> bidirectional GRU -> linear -> log_softmax. Features live inside the model so
+that training and decoding cannot disagree on them. Every step is padding-invariant: an
+utterance gets the same output alone and inside a padded batch.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+
+SAMPLE_RATE = 16000
+WINDOW = 400                         # 25 ms analysis window
+HOP = 160                            # 10 ms hop
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP  # 100 feature frames per second
+CONV_KERNEL = 3
+# Per conv layer time strides for each supported total stride. A deep RNN at 100 frames/s is
+# slow and hard to train; English speech is at most ~20 characters/s, so 25-50 output frames/s
+# still leaves CTC room for a blank between repeated letters.
+TIME_STRIDES = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2)}
+FREQ_STRIDE = 2                      # each conv layer halves the mel axis as well
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 29             # blank, space, apostrophe, a-z (data.VOCAB)
+    n_mels: int = 80
+    time_stride: int = 2             # output frames/s = FRAMES_PER_SECOND / time_stride
+    conv_channels: int = 32
+    rnn_layers: int = 5
+    rnn_hidden: int = 512            # per direction
+    dropout: float = 0.1
+    freq_masks: int = 2              # SpecAugment (LibriSpeech "LD" policy, Park et al. 2019)
+    freq_mask_width: int = 27
+    time_masks: int = 2
+    time_mask_width: int = 40        # frames (0.4 s), and at most 20% of the utterance
+
+
+def frame_lengths(wave_lengths):
+    """Feature frames per utterance: windows that lie wholly inside the audio (center=False)."""
+    return torch.div(wave_lengths - WINDOW, HOP, rounding_mode="floor").clamp(min=-1) + 1
+
+
+def conv_lengths(lengths, stride):
+    """Output length of a conv with kernel 3, padding 1 and this stride."""
+    return torch.div(lengths + 2 * (CONV_KERNEL // 2) - CONV_KERNEL, stride, rounding_mode="floor") + 1
+
+
+def lengths_mask(lengths, max_len):
+    """(B, max_len) bool, True on real frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class CTCModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.time_stride not in TIME_STRIDES:
+            raise ValueError(f"time_stride must be one of {sorted(TIME_STRIDES)}, got {config.time_stride}")
+        self.config = config
+        # power=2 then log: log-mel energies. center=False keeps every frame inside its own
+        # utterance, which makes features independent of the padding after it.
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            SAMPLE_RATE, n_fft=WINDOW, hop_length=HOP, n_mels=config.n_mels, center=False)
+        channels = config.conv_channels
+        self.convs = nn.ModuleList([
+            nn.Conv2d(1 if i == 0 else channels, channels, CONV_KERNEL,
+                      stride=(s, FREQ_STRIDE), padding=CONV_KERNEL // 2)
+            for i, s in enumerate(TIME_STRIDES[config.time_stride])])
+        freq_bins = config.n_mels
+        for _ in self.convs:
+            freq_bins = (freq_bins - 1) // FREQ_STRIDE + 1
+        self.rnn = nn.GRU(channels * freq_bins, config.rnn_hidden, num_layers=config.rnn_layers,
+                          batch_first=True, bidirectional=True, dropout=config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(2 * config.rnn_hidden, config.vocab_size)
+
+    def output_lengths(self, wave_lengths):
+        """CTC output frames for waveforms of these lengths, from the conv arithmetic alone."""
+        lengths = frame_lengths(torch.as_tensor(wave_lengths))
+        for s in TIME_STRIDES[self.config.time_stride]:
+            lengths = conv_lengths(lengths, s)
+        return lengths.clamp(min=0)
+
+    def features(self, waves, wave_lengths):
+        """Log-mel, normalized per utterance and per bin over real frames only: (B, T, n_mels)."""
+        with torch.autocast(waves.device.type, enabled=False):  # log of small energies needs fp32
+            x = torch.log(self.mel(waves.float()) + 1e-6).transpose(1, 2)
+        lengths = frame_lengths(wave_lengths).clamp(min=0).to(x.device)
+        mask = lengths_mask(lengths, x.shape[1])[:, :, None]
+        count = lengths.clamp(min=1)[:, None, None]
+        mean = (x * mask).sum(1, keepdim=True) / count
+        var = (((x - mean) * mask) ** 2).sum(1, keepdim=True) / count
+        return ((x - mean) / (var + 1e-5).sqrt()) * mask, lengths
+
+    def spec_augment(self, x, lengths):
+        """Zero random mel bands and time spans; vectorized over the batch."""
+        B, T, n_mels = x.shape
+        c = self.config
+        keep = torch.ones_like(x, dtype=torch.bool)
+        bins = torch.arange(n_mels, device=x.device)[None, None, :]
+        frames = torch.arange(T, device=x.device)[None, :, None]
+        for _ in range(c.freq_masks):
+            width = (torch.rand(B, 1, 1, device=x.device) * (c.freq_mask_width + 1)).long()
+            start = (torch.rand(B, 1, 1, device=x.device) * (n_mels - width + 1)).long()
+            keep &= (bins < start) | (bins >= start + width)
+        lengths = lengths[:, None, None]
+        max_width = (lengths // 5).clamp(max=c.time_mask_width)
+        for _ in range(c.time_masks):
+            width = (torch.rand(B, 1, 1, device=x.device) * (max_width + 1)).long()
+            start = (torch.rand(B, 1, 1, device=x.device) * (lengths - width + 1)).long()
+            keep &= (frames < start) | (frames >= start + width)
+        return x * keep
+
+    def forward(self, waves, wave_lengths):
+        """waves (B, samples) float, wave_lengths (B,) int (CPU is best: the GRU packing wants
+        lengths on the CPU) -> log_probs (B, T, vocab) float32, out_lengths (B,) on the CPU."""
+        wave_lengths = wave_lengths.cpu()
+        x, lengths = self.features(waves, wave_lengths)
+        if self.training:
+            x = self.spec_augment(x, lengths)
+        x = x.unsqueeze(1)                                  # (B, 1, T, n_mels)
+        for conv, stride in zip(self.convs, TIME_STRIDES[self.config.time_stride]):
+            lengths = conv_lengths(lengths, stride)
+            x = F.gelu(conv(x))
+            # Zero the padded frames again so the next conv sees zeros there, as it would alone.
+            x = x * lengths_mask(lengths, x.shape[2])[:, None, :, None]
+        x = x.permute(0, 2, 1, 3).flatten(2)                # (B, T', channels * freq)
+        padded_frames = x.shape[1]
+        out_lengths = self.output_lengths(wave_lengths)
+        # Packing makes the GRU (both directions) stop at each utterance's own last frame.
+        packed = nn.utils.rnn.pack_padded_sequence(x, out_lengths.clamp(min=1), batch_first=True,
+                                                   enforce_sorted=False)
+        x, _ = self.rnn(packed)
+        x, _ = nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=padded_frames)
+        logits = self.output(self.dropout(x))
+        return F.log_softmax(logits.float(), dim=-1), out_lengths
+
+
+def build_from_checkpoint(checkpoint, map_location="cpu"):
+    """Rebuild a model from a checkpoint path or an already loaded checkpoint dict."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
+    model = CTCModel(ModelConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
+
+
+def model_checkpoint(model, vocab):
+    """The part of every checkpoint that rebuilds the model: plain types and tensors only."""
+    return {"model_config": asdict(model.config), "model": model.state_dict(), "vocab": list(vocab)}
