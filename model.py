@@ -77,7 +77,8 @@ class CTCModel(nn.Module):
         for _ in self.convs:
             freq_bins = (freq_bins - 1) // FREQ_STRIDE + 1
         self.rnn = nn.GRU(channels * freq_bins, config.rnn_hidden, num_layers=config.rnn_layers,
-                          batch_first=True, bidirectional=True, dropout=config.dropout)
+                          batch_first=True, bidirectional=True,
+                          dropout=config.dropout if config.rnn_layers > 1 else 0.0)  # between layers
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(2 * config.rnn_hidden, config.vocab_size)
 

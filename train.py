@@ -76,11 +76,15 @@ def learning_rate(step, total_steps, args):
 def save_atomically(obj, path):
     """Write to a temp file, fsync, rename: a crash mid-write leaves the old file intact."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -221,12 +225,12 @@ def main(argv=None):
         }, run_dir / name)
 
     stop = []  # the signal received, if any; checked once per step
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
 
     log("note: the greedy output is mostly blank at first (the 'blank plateau'); letters follow, then words")
     totals = torch.zeros(3, device=device)  # loss, blank frames, frames: summed on device, read at log time
-    window = {"audio": 0.0, "wait": 0.0, "steps": 0, "skipped": 0, "grad_norm": 0.0, "start": time.time()}
+    window = {"audio": 0.0, "wait": 0.0, "steps": 0, "skipped": 0, "oom": 0, "grad_norm": 0.0, "start": time.time()}
     bad_in_a_row, run_start, start_step = 0, time.time(), step
     model.train()
     while epoch < args.epochs and not stop:
@@ -237,32 +241,46 @@ def main(argv=None):
             lr = learning_rate(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            waves = batch["waves"].to(device, non_blocking=True)
-            targets = batch["targets"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                log_probs, out_lengths = ddp_model(waves, batch["wave_lengths"])
-            # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
-            loss = ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, batch["target_lengths"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            # The one host sync per step: a non-finite step must be known before it is applied.
-            if torch.isfinite(grad_norm).item() and torch.isfinite(loss).item():
-                optimizer.step()
-                bad_in_a_row = 0
-                window["grad_norm"] += float(grad_norm)
-                with torch.no_grad():
-                    inside = (torch.arange(log_probs.shape[1])[None, :] < out_lengths[:, None]).to(device)
-                    blanks = ((log_probs.argmax(-1) == data.BLANK) & inside).sum()
-                    totals += torch.stack([loss.detach(), blanks.float(), inside.sum().float()])
+            try:
+                waves = batch["waves"].to(device, non_blocking=True)
+                targets = batch["targets"].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    log_probs, out_lengths = ddp_model(waves, batch["wave_lengths"])
+                # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
+                loss = ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, batch["target_lengths"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            except torch.OutOfMemoryError:
+                if distributed:  # the other ranks are already waiting in this step's all-reduce
+                    raise
+                # One outsized batch should not end a long run: drop it and go on.
+                waves = targets = log_probs = loss = None
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                window["oom"] += 1
+                log(f"warning: out of memory on a batch of {len(batch['ids'])} utterances "
+                    f"({batch['waves'].numel() / data.SAMPLE_RATE:.0f} s padded); skipped it. If this "
+                    f"repeats, lower --batch-seconds (now {args.batch_seconds}) or --max-seconds")
             else:
-                window["skipped"] += 1
-                bad_in_a_row += 1
-                if bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
-                    log(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient: the run "
-                        f"has diverged. Lower --lr (now {args.lr}) or raise --warmup-steps, then --resume "
-                        f"{run_dir / 'last.pt'}")
-                    sys.exit(1)
+                # The one host sync per step: a non-finite step must be known before it is applied.
+                if torch.isfinite(grad_norm).item() and torch.isfinite(loss).item():
+                    optimizer.step()
+                    bad_in_a_row = 0
+                    window["grad_norm"] += float(grad_norm)
+                    with torch.no_grad():
+                        inside = (torch.arange(log_probs.shape[1])[None, :] < out_lengths[:, None]).to(device)
+                        blanks = ((log_probs.argmax(-1) == data.BLANK) & inside).sum()
+                        totals += torch.stack([loss.detach(), blanks.float(), inside.sum().float()])
+                else:
+                    window["skipped"] += 1
+                    bad_in_a_row += 1
+                    if bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
+                        log(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient: the "
+                            f"run has diverged. Lower --lr (now {args.lr}) or raise --warmup-steps, then "
+                            f"--resume {run_dir / 'last.pt'}")
+                        sys.exit(1)
             step += 1
             batch_in_epoch += 1
             window["steps"] += 1
@@ -270,13 +288,13 @@ def main(argv=None):
 
             if step % args.log_every == 0 and master:
                 loss_sum, blank_frames, frames = totals.tolist()
-                good = max(1, window["steps"] - window["skipped"])
+                good = max(1, window["steps"] - window["skipped"] - window["oom"])
                 elapsed = time.time() - window["start"]
                 eta = (time.time() - run_start) / max(1, step - start_step) * (total_steps - step)
                 record = {"epoch": epoch, "step": step, "loss": loss_sum / good, "lr": lr,
                           "grad_norm": window["grad_norm"] / good, "x_realtime": window["audio"] / elapsed,
                           "data_wait": window["wait"] / elapsed, "blank_share": blank_frames / max(1, frames),
-                          "skipped_steps": window["skipped"]}
+                          "skipped_steps": window["skipped"], "oom_batches": window["oom"]}
                 log(f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.3f} lr {lr:.2e} "
                     f"grad {record['grad_norm']:.2f} {record['x_realtime']:.0f}x realtime "
                     f"data wait {100 * record['data_wait']:.0f}% blank {100 * record['blank_share']:.0f}% "
@@ -284,7 +302,7 @@ def main(argv=None):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 totals.zero_()
-                window.update(audio=0.0, wait=0.0, steps=0, skipped=0, grad_norm=0.0, start=time.time())
+                window.update(audio=0.0, wait=0.0, steps=0, skipped=0, oom=0, grad_norm=0.0, start=time.time())
 
             if distributed:  # every rank must stop at the same step, or the next all-reduce hangs
                 flag = torch.tensor([float(bool(stop))], device=device)
@@ -322,6 +340,8 @@ def main(argv=None):
         if stop:
             log(f"stopped by signal {stop[0]} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
                 f"  python train.py --resume {run_dir / 'last.pt'}")
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
     if distributed:
         dist.destroy_process_group()
 

@@ -1,0 +1,443 @@
+"""Tests for ctc-baseline. CPU only, no network: every corpus is generated here with numpy.
+
+    pytest test_ctc.py
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import data
+import decode
+import train
+from model import TIME_STRIDES, CTCModel, ModelConfig, build_from_checkpoint, model_checkpoint
+
+HERE = Path(__file__).resolve().parent
+# Tone-burst "speech": each letter is its own pitch, 90 ms on, 30 ms off. Any working CTC
+# pipeline learns to read it; a broken one (bad lengths, bad padding, bad vocab) does not.
+LETTERS = "abcdefghij"
+PITCH = {c: 300 * 1.25 ** i for i, c in enumerate(LETTERS)}
+TINY = ["--rnn-layers", "1", "--rnn-hidden", "32", "--conv-channels", "4", "--workers", "0",
+        "--freq-masks", "0", "--time-masks", "0", "--log-every", "5"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def tones(text, rate=data.SAMPLE_RATE):
+    t = np.arange(int(0.09 * rate)) / rate
+    gap = np.zeros(int(0.03 * rate))
+    parts = [gap * 3]
+    for c in text:
+        parts += [0.3 * np.sin(2 * np.pi * PITCH[c] * t) * np.hanning(len(t)), gap]
+    return np.concatenate(parts + [gap * 3]).astype(np.float32)
+
+
+def random_text(rng):
+    return "".join(rng.choice(list(LETTERS), size=rng.integers(4, 10)))
+
+
+def write_librispeech(root, texts, speaker=19, chapter=198):
+    """A LibriSpeech-layout corpus of tone bursts; returns the utterance ids."""
+    folder = root / str(speaker) / str(chapter)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = [f"{speaker}-{chapter}-{i:04d}" for i in range(len(texts))]
+    for utt_id, text in zip(ids, texts):
+        soundfile.write(folder / f"{utt_id}.flac", tones(text), data.SAMPLE_RATE)
+    (folder / f"{speaker}-{chapter}.trans.txt").write_text(
+        "".join(f"{u} {t.upper()}\n" for u, t in zip(ids, texts)))
+    return ids
+
+
+def run_script(*args, timeout=300, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
+
+
+# ---------------------------------------------------------------------- text and scoring
+def test_vocabulary_has_blank_first_then_space_apostrophe_letters():
+    assert data.VOCAB[data.BLANK] == data.VOCAB[0] and len(data.VOCAB) == 29
+    assert data.VOCAB[1:3] == [" ", "'"] and "".join(data.VOCAB[3:]) == "abcdefghijklmnopqrstuvwxyz"
+
+
+def test_normalize_lowercases_and_counts_what_it_drops():
+    assert data.normalize("IT'S  Café-au-lait,\tno. 42!") == ("it's cafe au lait no", 5)
+    assert data.normalize("Don\u2019t") == ("don't", 0)
+    assert data.normalize("  ") == ("", 0)
+    assert data.decode_ids(data.encode("it's a b")) == "it's a b"
+
+
+def test_greedy_collapses_repeats_but_keeps_a_double_letter_split_by_blank():
+    h, e, l, o, b = (data.CHAR_TO_ID[c] for c in "helo_")
+    frames = [[h, h, e, b, l, l, b, l, o, o, b], [l, b, l, l, o, b, b, b, b, h, h]]
+    log_probs = torch.nn.functional.one_hot(torch.tensor(frames), len(data.VOCAB)).float().log()
+    assert decode.greedy_decode(log_probs, torch.tensor([11, 5])) == ["hello", "llo"]
+
+
+def test_error_rates_are_corpus_level_edits_over_reference_length():
+    assert decode.edit_distance("kitten", "sitting") == 3
+    assert decode.edit_distance("", "abc") == 3 and decode.edit_distance("abc", "abc") == 0
+    assert decode.edit_distance("the cat sat".split(), "the bat sat down".split()) == 2
+    # 1 word edit in 4 words + 0 edits in 1 word = 20% (the mean of per-utterance WERs is 12.5%)
+    wer, cer = decode.error_rates(["a b c d", "e"], ["a x c d", "e"])
+    assert wer == pytest.approx(20.0)
+    assert cer == pytest.approx(100 * 1 / 8)
+
+
+# ------------------------------------------------------------------------- corpus reading
+def test_librispeech_reader_and_tsv_manifest_resample_and_downmix(tmp_path):
+    ids = write_librispeech(tmp_path / "ls", ["abc", "ija"])
+    # A TSV corpus with an 8 kHz 24-bit file, a 44.1 kHz stereo file and a relative path.
+    (tmp_path / "tsv").mkdir()
+    soundfile.write(tmp_path / "tsv/low.wav", tones("abc", 8000), 8000, subtype="PCM_24")
+    stereo = np.stack([tones("dead", 44100), np.zeros(len(tones("dead", 44100)), np.float32)], 1)
+    soundfile.write(tmp_path / "tsv/stereo.flac", stereo, 44100)
+    (tmp_path / "tsv/list.tsv").write_text("low.wav\tLow!\n" + f"{tmp_path}/tsv/stereo.flac\tStereo 2\n")
+    corpus = data.read_corpus([tmp_path / "ls", tmp_path / "tsv/list.tsv"], log=lambda m: None)
+    assert [u["id"] for u in corpus] == ids + ["low", "stereo"]
+    assert [u["text"] for u in corpus] == ["abc", "ija", "low", "stereo"]
+    low, stereo_wave = data.load_audio(corpus[2]["path"]), data.load_audio(corpus[3]["path"])
+    assert low.dtype == torch.float32 and low.ndim == 1
+    assert len(low) == pytest.approx(len(tones("abc")), abs=2)
+    assert len(stereo_wave) == pytest.approx(len(tones("dead")), abs=2)
+    assert stereo_wave.abs().max() == pytest.approx(0.15, abs=0.01)  # averaged with silence
+    # The 8 kHz file resampled to 16 kHz still carries the 300 Hz tone of "a" at the right rate.
+    spectrum = np.abs(np.fft.rfft(low[480:480 + 1440].numpy()))
+    assert np.fft.rfftfreq(1440, 1 / 16000)[spectrum.argmax()] == pytest.approx(300, abs=15)
+    assert corpus[0]["seconds"] == pytest.approx(len(tones("abc")) / 16000)
+
+
+def test_durations_are_cached_between_starts(tmp_path, monkeypatch):
+    write_librispeech(tmp_path / "ls", ["abc", "de"])
+    data.read_corpus([tmp_path / "ls"], log=lambda m: None)
+    monkeypatch.setattr(soundfile, "info", lambda path: pytest.fail(f"header reread: {path}"))
+    assert len(data.read_corpus([tmp_path / "ls"], log=lambda m: None)) == 2
+
+
+# ---------------------------------------------------------------------------------- model
+@pytest.mark.parametrize("stride", sorted(TIME_STRIDES))
+def test_output_lengths_match_real_tensor_shapes(stride):
+    model = CTCModel(ModelConfig(time_stride=stride, rnn_layers=1, rnn_hidden=8, conv_channels=2)).eval()
+    for samples in [400, 401, 559, 560, 561, 719, 1234, 1600, 3999, 16000, 16161, 23457]:
+        log_probs, out_lengths = model(torch.randn(1, samples), torch.tensor([samples]))
+        assert log_probs.shape[1] == out_lengths[0] == model.output_lengths(torch.tensor([samples]))[0], samples
+
+
+def test_an_utterance_gets_the_same_log_probs_alone_and_in_a_padded_batch():
+    torch.manual_seed(0)
+    model = CTCModel(ModelConfig(rnn_layers=2, rnn_hidden=16, conv_channels=4)).eval()
+    lengths = torch.tensor([5000, 16000, 9001])
+    waves = torch.randn(3, 16000) * (torch.arange(16000)[None, :] < lengths[:, None])
+    batch_log_probs, batch_lengths = model(waves, lengths)
+    for i in range(3):
+        alone, alone_lengths = model(waves[i:i + 1, :lengths[i]], lengths[i:i + 1])
+        assert alone_lengths[0] == batch_lengths[i]
+        torch.testing.assert_close(alone[0], batch_log_probs[i, :batch_lengths[i]], atol=1e-5, rtol=1e-5)
+
+
+def test_spec_augment_only_in_training():
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2, dropout=0.0))
+    wave, length = torch.randn(1, 32000), torch.tensor([32000])
+    model.eval()
+    torch.testing.assert_close(model(wave, length)[0], model(wave, length)[0])
+    model.train()
+    assert not torch.equal(model(wave, length)[0], model(wave, length)[0])
+
+
+def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path):
+    model = CTCModel(ModelConfig(rnn_layers=2, rnn_hidden=16, conv_channels=4)).eval()
+    train.save_atomically({**model_checkpoint(model, data.VOCAB), "note": [1, "x"]}, tmp_path / "m.pt")
+    checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)  # plain types and tensors only
+    rebuilt, _ = build_from_checkpoint(checkpoint)
+    wave = torch.randn(2, 12000)
+    lengths = torch.tensor([12000, 8000])
+    torch.testing.assert_close(rebuilt.eval()(wave, lengths)[0], model(wave, lengths)[0], atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------- training
+def make_corpus(root, n_train, n_dev, seed=0):
+    rng = np.random.default_rng(seed)
+    write_librispeech(root / "train", [random_text(rng) for _ in range(n_train)], speaker=1)
+    write_librispeech(root / "dev", [random_text(rng) for _ in range(n_dev)], speaker=2)
+    return root / "train", root / "dev"
+
+
+def train_flags(train_dir, dev_dir, run_dir, *extra):
+    return ["--data", str(train_dir), "--dev", str(dev_dir), "--run-dir", str(run_dir), *TINY,
+            "--batch-seconds", "6", "--warmup-steps", "3", *map(str, extra)]
+
+
+def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 40, 6)
+    flags = ["--epochs", "2", "--eval-every", "4", "--freq-masks", "1", "--time-masks", "1", "--rnn-layers", "2"]
+    trace = []  # (lr, utterance ids) per step
+    real_lr, real_collate = train.learning_rate, data.collate
+    monkeypatch.setattr(data, "collate", lambda items: trace.append([it[3] for it in items]) or real_collate(items))
+
+    def lr_then_maybe_interrupt(step, total, args):
+        if interrupt_at == step:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, in the middle of the run
+        trace.append(real_lr(step, total, args))
+        return trace[-1]
+    monkeypatch.setattr(train, "learning_rate", lr_then_maybe_interrupt)
+
+    interrupt_at = None
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "straight", *flags))
+    straight, trace[:] = list(trace), []
+    interrupt_at = 5
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "split", *flags))
+    stopped = torch.load(tmp_path / "split/last.pt", weights_only=True)
+    assert stopped["step"] == 6 and stopped["epoch"] == 0
+    interrupt_at = None
+    train.main(["--resume", str(tmp_path / "split/last.pt")])
+    # Each step's lr, then its batch: the same sequence straight and across the resume
+    # (dev batches included, since evaluation happens at the same steps).
+    assert trace == straight
+    a = torch.load(tmp_path / "straight/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split/last.pt", weights_only=True)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a["optimizer"]["state"], b["optimizer"]["state"], atol=1e-6, rtol=1e-5)
+
+
+def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 30, 5)
+    result = run_script("train.py", *train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1",
+                                                 "--eval-every", "2"))
+    assert result.returncode == 0, result.stderr
+    assert "dev WER" in result.stdout and "blank" in result.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert any({"loss", "lr", "grad_norm", "x_realtime", "blank_share", "data_wait"} <= m.keys() for m in metrics)
+    assert any("dev_cer" in m for m in metrics)
+    checkpoint = torch.load(tmp_path / "run/best.pt", weights_only=True)
+    assert checkpoint["train_config"]["rnn_hidden"] == 32 and checkpoint["vocab"] == data.VOCAB
+
+    one = run_script("decode.py", tmp_path / "run/best.pt", dev_dir / "2/198/2-198-0000.flac")
+    assert one.returncode == 0, one.stderr
+    assert len(one.stdout.splitlines()) == 1 and "\t" not in one.stdout
+    many = run_script("decode.py", tmp_path / "run/best.pt", dev_dir)
+    assert many.returncode == 0, many.stderr
+    lines = [line.split("\t") for line in many.stdout.splitlines()]
+    assert [utt for utt, _ in lines] == [f"2-198-{i:04d}" for i in range(5)]
+    assert "WER" in many.stderr and "CER" in many.stderr
+
+
+def independent_distance(a, b):
+    """Plain dynamic-programming Levenshtein, written separately from decode.edit_distance."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def test_decode_scores_equal_an_independent_scorer():
+    rng = np.random.default_rng(1)
+    words = ["a", "the", "cat", "sat", "on", "mat", "it's"]
+    refs = [" ".join(rng.choice(words, size=rng.integers(1, 12))) for _ in range(50)]
+    hyps = [" ".join(rng.choice(words, size=rng.integers(0, 12))) for _ in range(50)]
+    wer, cer = decode.error_rates(refs, hyps)
+    word_edits = sum(independent_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
+    char_edits = sum(independent_distance(r, h) for r, h in zip(refs, hyps))
+    assert wer == pytest.approx(100 * word_edits / sum(len(r.split()) for r in refs))
+    assert cer == pytest.approx(100 * char_edits / sum(len(r) for r in refs))
+
+
+def test_a_small_model_learns_to_read_tone_bursts(tmp_path):
+    """The learning test: a working CTC pipeline masters this task in about a minute of CPU."""
+    train_dir, dev_dir = make_corpus(tmp_path, 400, 40)
+    rng = np.random.default_rng(7)
+    test_texts = [random_text(rng) for _ in range(40)]
+    test_dir = tmp_path / "test"
+    write_librispeech(test_dir, test_texts, speaker=3)
+    train.main(["--data", str(train_dir), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"),
+                "--rnn-layers", "2", "--rnn-hidden", "64", "--conv-channels", "8", "--workers", "0",
+                "--freq-masks", "0", "--time-masks", "0", "--batch-seconds", "20", "--epochs", "8",
+                "--lr", "3e-3", "--warmup-steps", "20", "--eval-every", "50", "--log-every", "20"])
+    model, _ = build_from_checkpoint(tmp_path / "run/best.pt")
+    waves = [data.load_audio(p) for p in sorted(test_dir.rglob("*.flac"))]
+    hyps = decode.transcribe(model.eval(), waves, torch.device("cpu"), 60, 30)
+    assert decode.error_rates(test_texts, hyps)[1] < 10.0, list(zip(test_texts, hyps))[:5]
+    # A recording longer than the window is cut in pauses, decoded piece by piece, joined in order.
+    long_wave = torch.cat(waves[:12])
+    joined = decode.transcribe(model, [long_wave], torch.device("cpu"), 60, window_seconds=3.0)[0]
+    assert decode.error_rates(["".join(test_texts[:12])], [joined.replace(" ", "")])[1] < 10.0
+
+
+# --------------------------------------------------------- bad input and interruptions
+def test_missing_or_empty_data_paths_exit_naming_the_path_and_layouts(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _, dev_dir = make_corpus(tmp_path, 1, 2)
+    for bad in [tmp_path / "nowhere", tmp_path / "empty"]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--data", str(bad), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"), *TINY])
+        assert str(bad) in str(exit_info.value) and "LibriSpeech-layout" in str(exit_info.value)
+        assert "TSV manifest" in str(exit_info.value)
+
+
+def test_bad_files_are_skipped_counted_and_named_and_training_goes_on(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    train_dir, dev_dir = make_corpus(tmp_path, 20, 3)
+    folder = train_dir / "5" / "50"
+    folder.mkdir(parents=True)
+    soundfile.write(folder / "5-50-0000.flac", tones("abc"), 16000)
+    good = (folder / "5-50-0000.flac").read_bytes()
+    (folder / "5-50-0001.flac").write_bytes(good[:len(good) // 2])              # truncated body
+    (folder / "5-50-0002.flac").write_bytes(b"this is not audio at all")
+    soundfile.write(folder / "5-50-0003.flac", np.zeros(0, np.float32), 16000)   # libsndfile: unreadable
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)      # zero length
+    (tmp_path / "more.tsv").write_text("empty.wav\tABC\n")
+    soundfile.write(folder / "5-50-0004.flac", np.zeros(16000, np.float32), 16000)  # silent
+    soundfile.write(folder / "5-50-0005.flac", tones("ab"), 16000)               # empty transcript
+    soundfile.write(folder / "5-50-0006.flac", tones("a"), 16000)                # transcript too long
+    soundfile.write(folder / "5-50-0007.flac", tones(random_text(rng) * 8), 16000)  # over --max-seconds
+    soundfile.write(folder / "5-50-0099.flac", tones("abc"), 16000)              # no transcript line
+    (folder / "5-50.trans.txt").write_text(
+        "5-50-0000 ABC 123 ÀB\n5-50-0001 ABC\n5-50-0002 ABC\n5-50-0003 ABC\n5-50-0004 ABC\n"
+        "5-50-0005 12 ...\n5-50-0006 " + "ABCDEFGHIJ" * 8 + "\n5-50-0007 ABCD\n5-50-0008 ABC\n")
+    flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--max-seconds", "5",
+                        "--eval-every", "100")
+    train.main([*flags, "--data", str(train_dir), str(tmp_path / "more.tsv")])
+    out = capsys.readouterr()
+    assert "audio file missing: 1" in out.out and "5-50-0008.flac" in out.out
+    assert "audio without transcript (ignored): 1" in out.out and "5-50-0099.flac" in out.out
+    assert "not readable as audio: 2" in out.out and "5-50-0002.flac" in out.out
+    assert "zero-length audio: 1" in out.out and "empty.wav" in out.out
+    assert "empty transcript: 1" in out.out
+    assert "characters dropped by normalization: 8" in out.out
+    assert "skipped 1 utterances longer than --max-seconds 5.0 and 1 whose transcript is too long" in out.out
+    # Broken or silent bodies are only found when read: named once per read, training goes on.
+    assert "5-50-0001.flac" in out.err and "silent audio" in out.err and "5-50-0004.flac" in out.err
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_non_finite_steps_are_skipped_and_a_diverged_run_stops_with_advice(tmp_path, monkeypatch, capsys):
+    train_dir, dev_dir = make_corpus(tmp_path, 40, 3)
+    real_forward, calls = torch.nn.CTCLoss.forward, []
+
+    def sometimes_nan(self, *args):
+        calls.append(1)
+        loss = real_forward(self, *args)
+        return loss * float("nan") if len(calls) % 3 == 0 or always_nan else loss
+    monkeypatch.setattr(torch.nn.CTCLoss, "forward", sometimes_nan)
+    always_nan = False
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100"))
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped_steps", 0) for r in records) > 0
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 2
+    always_nan = True
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(train_flags(train_dir, dev_dir, tmp_path / "run2", "--epochs", "3", "--eval-every", "100"))
+    out = capsys.readouterr().out
+    assert f"{train.MAX_BAD_STEPS_IN_A_ROW + 1} steps in a row had a non-finite loss" in out
+    assert "Lower --lr" in out
+
+
+def test_out_of_memory_on_one_batch_skips_it_with_advice(tmp_path, monkeypatch, capsys):
+    train_dir, dev_dir = make_corpus(tmp_path, 20, 3)
+    real_forward, calls = CTCModel.forward, []
+
+    def out_of_memory_once(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(self, *args)
+    monkeypatch.setattr(CTCModel, "forward", out_of_memory_once)
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100"))
+    out = capsys.readouterr().out
+    assert "out of memory" in out and "--batch-seconds" in out
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_ctrl_c_saves_last_checkpoint_and_prints_the_resume_command(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 200, 3)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "50",
+                                                  "--log-every", "1")],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("epoch 0 step 2/"):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "python train.py --resume" in out and str(tmp_path / "run/last.pt") in out
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] >= 2
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    train.save_atomically({"step": 1}, path)
+
+    def crash_midway(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        train.save_atomically({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100"))
+    good = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((tmp_path / "run/last.pt").read_bytes()[:1000])
+    other_vocab, other_shape = tmp_path / "vocab/last.pt", tmp_path / "shape/last.pt"
+    for path, change in [(other_vocab, {"vocab": data.VOCAB[:-1]}),
+                         (other_shape, {"model_config": {**good["model_config"], "rnn_hidden": 64}})]:
+        path.parent.mkdir()
+        torch.save({**good, **change}, path)
+    cases = [(tmp_path / "missing.pt", "no such file"), (corrupt, "not a readable"),
+             (other_vocab, "vocabulary"), (other_shape, "model shape")]
+    files_before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for path, problem in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--resume", str(path)])
+        assert str(path) in str(exit_info.value) and problem in str(exit_info.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files_before
+
+
+def test_decode_reports_each_bad_input_and_fails_only_if_nothing_decoded(tmp_path):
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
+    checkpoint = tmp_path / "m.pt"
+    train.save_atomically(model_checkpoint(model, data.VOCAB), checkpoint)
+    (tmp_path / "no_audio").mkdir()
+    (tmp_path / "broken.flac").write_bytes(b"not audio")
+    soundfile.write(tmp_path / "good.wav", tones("abc"), 16000)
+    bad = [tmp_path / "missing.flac", tmp_path / "no_audio", tmp_path / "broken.flac"]
+    result = run_script("decode.py", checkpoint, *bad)
+    assert result.returncode != 0
+    for path in bad:
+        assert str(path) in result.stderr
+    result = run_script("decode.py", checkpoint, *bad, tmp_path / "good.wav")
+    assert result.returncode == 0 and result.stdout.startswith("good\t")
+
+
+def test_a_ten_minute_recording_is_decoded_in_windows_cut_at_pauses():
+    minutes = torch.from_numpy(np.concatenate([tones(random_text(np.random.default_rng(i))) for i in range(700)]))
+    assert len(minutes) > 10 * 60 * data.SAMPLE_RATE
+    pieces = decode.split_windows(minutes, 30.0)
+    assert torch.equal(torch.cat(pieces), minutes)
+    assert all(len(p) <= 30 * data.SAMPLE_RATE for p in pieces)
+    assert all(float(p[-80:].abs().max()) < 0.01 for p in pieces[:-1])  # cut in a gap between bursts
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2)).eval()
+    assert isinstance(decode.transcribe(model, [minutes], torch.device("cpu"), 120, 30.0)[0], str)
