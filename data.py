@@ -1,19 +1,27 @@
-"""Corpus, text, audio and batches.
+"""Corpus, text, audio and batches; and getting LibriSpeech.
+
+    python data.py download train-clean-100 dev-clean test-clean --root .   # -> ./LibriSpeech/...
 
     corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])
-    batches = BucketBatches(durations, batch_seconds=600, seed=0)
+    batches = BucketBatches([u["seconds"] for u in corpus], batch_seconds=800, seed=0)
 
 A corpus is a LibriSpeech-layout directory (<root>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
 with the .flac files beside it) or a TSV manifest (audio path<TAB>transcript, paths relative to
 the manifest). Utterances are batched by total padded audio seconds from length-sorted
 buckets; the batch order is reshuffled every epoch from (seed, epoch), so it can be replayed.
 """
+import argparse
 import collections
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tarfile
+import time
 import unicodedata
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -235,8 +243,8 @@ def collate(items):
 class BucketBatches(torch.utils.data.Sampler):
     """Batches of similar-length utterances, each at most batch_seconds of padded audio.
 
-    The batches are fixed (sorted by length, so little padding); only their order changes,
-    reshuffled each epoch from (seed, epoch). set_epoch(epoch, start) replays an epoch from its
+    The batches are fixed (sorted by length, so little padding); only their order changes:
+    shortest first in epoch 0, then reshuffled each epoch from (seed, epoch). set_epoch(epoch, start) replays an epoch from its
     start-th batch, which is how resume continues the same data order. With several ranks each
     takes every world_size-th batch of the same order, trimmed so all ranks take equal steps.
     """
@@ -260,8 +268,11 @@ class BucketBatches(torch.utils.data.Sampler):
     def epoch_order(self):
         if not self.shuffle:
             return self.batches
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = [self.batches[i] for i in torch.randperm(len(self.batches), generator=generator)]
+        if self.epoch == 0:  # SortaGrad (DeepSpeech 2): short utterances first ease the start
+            order = self.batches
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = [self.batches[i] for i in torch.randperm(len(self.batches), generator=generator)]
         per_rank = len(order) // self.world_size
         return order[self.rank::self.world_size][:per_rank]
 
@@ -270,3 +281,108 @@ class BucketBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter(self.epoch_order()[self.start:])
+
+
+# ----------------------------------------------------------------------------- download
+MIRROR = "https://www.openslr.org/resources/12"
+# The MD5 sums OpenSLR publishes for its LibriSpeech archives (openslr.org/12).
+PUBLISHED_MD5 = {
+    "dev-clean": "42e2234ba48799c1f50f24a7926300a1", "dev-other": "c8d0bcc9cca99d4f8b62fcc847357931",
+    "test-clean": "32fa31d27d2e1cad72775fee3f4849a9", "test-other": "fb5a50374b501bb3bac4815ee91d3135",
+    "train-clean-100": "2a93770f6d5c6c964bc36631d331a522",
+    "train-clean-360": "c0e676e450a7ff2f54aeade5171606fa",
+    "train-other-500": "d1a0fd59409feb2c614ce4d30c387708",
+}
+
+
+def fetch(url, target):
+    """Download url into target, continuing a partial target with an HTTP Range request."""
+    have = target.stat().st_size if target.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416: nothing left to fetch, the file is complete
+            raise
+        return
+    with response, open(target, "ab" if response.status == 206 else "wb") as f:
+        done = have if response.status == 206 else 0
+        total = done + int(response.headers.get("Content-Length", 0))
+        start, started_at = time.time(), done
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            rate = (done - started_at) / max(time.time() - start, 1e-3)
+            eta = (total - done) / rate if total and rate else 0
+            print(f"\r  {target.name}: {done / 1e6:,.0f}/{total / 1e6:,.0f} MB  {rate / 1e6:.1f} MB/s  "
+                  f"ETA {eta / 60:.0f} min ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if total and done < total:
+        raise ConnectionError(f"the connection closed at {done:,} of {total:,} bytes")
+
+
+def md5_of(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(subsets, root, base_url=MIRROR):
+    """Fetch, verify and extract LibriSpeech subsets into root/LibriSpeech/<subset>."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if base_url == MIRROR:
+        checksums = PUBLISHED_MD5
+    else:  # another mirror publishes its own md5sum.txt beside the archives, as OpenSLR does
+        lines = urllib.request.urlopen(f"{base_url}/md5sum.txt", timeout=60).read().decode().splitlines()
+        checksums = {name.removesuffix(".tar.gz"): md5 for md5, name in (line.split() for line in lines if line.strip())}
+    for subset in subsets:
+        final = root / "LibriSpeech" / subset
+        if final.is_dir():
+            print(f"{final} is already there; skipping {subset}", file=sys.stderr)
+            continue
+        archive = root / f"{subset}.tar.gz.part"
+        print(f"downloading {base_url}/{subset}.tar.gz", file=sys.stderr)
+        try:
+            fetch(f"{base_url}/{subset}.tar.gz", archive)
+        except (OSError, urllib.error.URLError) as e:
+            sys.exit(f"error: downloading {subset}: {e}. Run the same command again: it continues "
+                     f"from the {archive.stat().st_size if archive.exists() else 0:,} bytes in {archive}.")
+        actual = md5_of(archive)
+        if actual != checksums.get(subset):
+            archive.unlink()
+            sys.exit(f"error: {subset}.tar.gz from {base_url} has MD5 {actual}, expected "
+                     f"{checksums.get(subset)}; the bad file was removed and nothing was extracted. "
+                     f"Run the command again, or pick another mirror with --base-url.")
+        # Extract beside the target and move in at the end, so a half-extracted subset never
+        # looks complete to the next run.
+        staging = root / f".extracting-{subset}"
+        shutil.rmtree(staging, ignore_errors=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")
+        if not (staging / "LibriSpeech" / subset).is_dir():
+            sys.exit(f"error: {archive} does not hold LibriSpeech/{subset}/; nothing was moved into {root}")
+        final.parent.mkdir(exist_ok=True)
+        for item in (staging / "LibriSpeech").iterdir():  # the subset and README/SPEAKERS files
+            if not (final.parent / item.name).exists():
+                item.rename(final.parent / item.name)
+        shutil.rmtree(staging)
+        archive.unlink()
+        print(f"{final}: ready", file=sys.stderr)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Get LibriSpeech: download, verify, extract.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    get = commands.add_parser("download", help="fetch subsets into ROOT/LibriSpeech/<subset>")
+    get.add_argument("subsets", nargs="+", choices=sorted(PUBLISHED_MD5))
+    get.add_argument("--root", default=".", help="folder that will hold LibriSpeech/")
+    get.add_argument("--base-url", default=MIRROR, help="mirror holding <subset>.tar.gz (and md5sum.txt)")
+    args = parser.parse_args()
+    download(args.subsets, args.root, args.base_url.rstrip("/"))
+
+
+if __name__ == "__main__":
+    main()

@@ -76,9 +76,12 @@ class CTCModel(nn.Module):
         freq_bins = config.n_mels
         for _ in self.convs:
             freq_bins = (freq_bins - 1) // FREQ_STRIDE + 1
-        self.rnn = nn.GRU(channels * freq_bins, config.rnn_hidden, num_layers=config.rnn_layers,
-                          batch_first=True, bidirectional=True,
-                          dropout=config.dropout if config.rnn_layers > 1 else 0.0)  # between layers
+        # Each GRU layer reads layer-normalized input (conv features arrive at an arbitrary
+        # scale, and deep RNN stacks drift): this shortens the blank plateau a lot.
+        sizes = [channels * freq_bins] + [2 * config.rnn_hidden] * (config.rnn_layers - 1)
+        self.norms = nn.ModuleList(nn.LayerNorm(size) for size in sizes)
+        self.rnns = nn.ModuleList(nn.GRU(size, config.rnn_hidden, batch_first=True, bidirectional=True)
+                                  for size in sizes)
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(2 * config.rnn_hidden, config.vocab_size)
 
@@ -135,10 +138,13 @@ class CTCModel(nn.Module):
         x = x.permute(0, 2, 1, 3).flatten(2)                # (B, T', channels * freq)
         padded_frames = x.shape[1]
         out_lengths = self.output_lengths(wave_lengths)
-        # Packing makes the GRU (both directions) stop at each utterance's own last frame.
-        packed = nn.utils.rnn.pack_padded_sequence(x, out_lengths.clamp(min=1), batch_first=True,
-                                                   enforce_sorted=False)
-        x, _ = self.rnn(packed)
+        # Packing makes each GRU (both directions) stop at each utterance's own last frame;
+        # norm and dropout act on the packed frames only.
+        x = nn.utils.rnn.pack_padded_sequence(x, out_lengths.clamp(min=1), batch_first=True,
+                                              enforce_sorted=False)
+        for i, (norm, rnn) in enumerate(zip(self.norms, self.rnns)):
+            frames = norm(x.data)
+            x, _ = rnn(x._replace(data=self.dropout(frames) if i > 0 else frames))
         x, _ = nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=padded_frames)
         logits = self.output(self.dropout(x))
         return F.log_softmax(logits.float(), dim=-1), out_lengths

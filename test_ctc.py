@@ -441,3 +441,131 @@ def test_a_ten_minute_recording_is_decoded_in_windows_cut_at_pauses():
     assert all(float(p[-80:].abs().max()) < 0.01 for p in pieces[:-1])  # cut in a gap between bursts
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2)).eval()
     assert isinstance(decode.transcribe(model, [minutes], torch.device("cpu"), 120, 30.0)[0], str)
+
+
+# ------------------------------------------------------------------ scale and download
+def train_one_rank(rank, flags, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), XDG_CACHE_HOME=str(out_dir / f"cache{rank}"))
+    model = train.main(flags)
+    torch.save(model.state_dict(), out_dir / f"rank{rank}.weights")
+
+
+def test_two_ranks_with_gloo_end_with_identical_weights_and_one_checkpoint(tmp_path):
+    import socket
+    train_dir, dev_dir = make_corpus(tmp_path, 30, 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "3")
+    torch.multiprocessing.spawn(train_one_rank, args=(flags, port, tmp_path), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.weights", weights_only=True) for r in (0, 1))
+    initial = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=32, conv_channels=4)).state_dict()
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0)
+    assert any(not torch.equal(rank0[n], initial[n]) for n in rank0)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    # Each rank took its own half of every epoch's batches: the steps are half the batches.
+    seconds = [u["seconds"] for u in data.read_corpus([train_dir], log=lambda m: None)]
+    sampler = data.BucketBatches(seconds, 6.0, world_size=2)
+    assert len(sampler) == len(data.BucketBatches(seconds, 6.0)) // 2
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 2 * len(sampler)
+
+
+def test_batches_are_split_across_ranks_without_duplicates():
+    seconds = list(np.random.default_rng(0).uniform(1, 15, 500))
+    ranks = [data.BucketBatches(seconds, 60, seed=3, rank=r, world_size=3) for r in range(3)]
+    for sampler in ranks:
+        sampler.set_epoch(4)
+    taken = [i for sampler in ranks for batch in sampler for i in batch]
+    assert len(taken) == len(set(taken)) and len({len(list(s)) for s in ranks}) == 1
+    single = data.BucketBatches(seconds, 60, seed=3)
+    assert sorted(i for b in single for i in b) == list(range(500))
+    assert all(sum(1 for _ in b) * max(seconds[i] for i in b) <= 60 for b in single if len(b) > 1)
+
+
+class ArchiveServer:
+    """HTTP on 127.0.0.1 serving fixed files, honouring Range, and able to cut a response short."""
+
+    def __init__(self, files):
+        import http.server
+        import threading
+        server = self
+        self.files, self.cut_after, self.ranges = files, None, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = server.files.get(self.path.rsplit("/", 1)[-1])
+                if body is None:
+                    return self.send_error(404)
+                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers["Range"] else 0
+                server.ranges.append(start)
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                self.wfile.write(body[start:server.cut_after] if server.cut_after else body[start:])
+                server.cut_after = None
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/resources/12"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_path):
+    import hashlib
+    import tarfile
+    source = tmp_path / "source"
+    write_librispeech(source / "LibriSpeech" / "dev-clean", ["abc", "de"])
+    (source / "LibriSpeech" / "README.TXT").write_text("LibriSpeech stand-in\n")
+    with tarfile.open(tmp_path / "dev-clean.tar.gz", "w:gz") as tar:
+        tar.add(source / "LibriSpeech", arcname="LibriSpeech")
+    archive = (tmp_path / "dev-clean.tar.gz").read_bytes()
+    server = ArchiveServer({"dev-clean.tar.gz": archive,
+                            "md5sum.txt": f"{hashlib.md5(archive).hexdigest()} dev-clean.tar.gz\n".encode()})
+    root = tmp_path / "root"
+    command = ["data.py", "download", "dev-clean", "--root", root, "--base-url", server.url]
+
+    server.cut_after = len(archive) // 2
+    cut = run_script(*command)
+    assert cut.returncode != 0 and "Run the same command again" in cut.stderr
+    assert not (root / "LibriSpeech").exists()
+    done = run_script(*command)
+    assert done.returncode == 0, done.stderr
+    assert server.ranges == [0, len(archive) // 2]  # the second request continued the first
+    corpus = data.read_corpus([root / "LibriSpeech" / "dev-clean"], log=lambda m: None)
+    assert [u["text"] for u in corpus] == ["abc", "de"]
+    assert (root / "LibriSpeech" / "README.TXT").exists() and not list(root.glob("*.part"))
+    again = run_script(*command)
+    assert again.returncode == 0 and "already there" in again.stderr and len(server.ranges) == 2
+
+    server.files["md5sum.txt"] = b"0123456789abcdef0123456789abcdef dev-clean.tar.gz\n"
+    other = tmp_path / "other"
+    bad = run_script(*command[:3], "--root", other, "--base-url", server.url)
+    assert bad.returncode != 0 and "MD5" in bad.stderr and "nothing was extracted" in bad.stderr
+    assert not (other / "LibriSpeech").exists() and not list(other.iterdir())
+
+
+# ------------------------------------------------------------------------ health checks
+def test_overfit_trains_and_scores_n_utterances_without_augmentation(tmp_path, capsys):
+    train_dir, _ = make_corpus(tmp_path, 30, 1)
+    train.main(["--data", str(train_dir), "--overfit", "4", "--run-dir", str(tmp_path / "run"), *TINY,
+                "--freq-masks", "2", "--batch-seconds", "60", "--epochs", "3", "--eval-every", "1"])
+    checkpoint = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert checkpoint["step"] == 3  # 4 utterances: one batch per epoch
+    assert checkpoint["model_config"]["freq_masks"] == checkpoint["model_config"]["time_masks"] == 0
+    assert checkpoint["model_config"]["dropout"] == 0.0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("  ref:")]) == 3 * 3
+
+
+def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():
+    args = train.get_args(["--warmup-steps", "100"])
+    assert train.diagnose(["", ""], [100.0], 50, args) is None            # in warmup
+    assert train.diagnose(["", ""], [100.0, 100.0], 200, args) is None   # blank plateau: normal
+    assert "all blank" in train.diagnose(["", ""], [100.0] * 2, 301, args)
+    assert "collapsed to 'ht'" in train.diagnose(["ttthhh", "th"], [90.0, 80.0], 400, args)
+    stalled = train.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 50.5], 900, args)
+    assert "not improved in 3 evaluations" in stalled and "--overfit" in stalled
+    assert train.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 49.0], 900, args) is None

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,6 +31,11 @@ import decode
 from model import CTCModel, ModelConfig, build_from_checkpoint, model_checkpoint
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
+STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
+CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-steps); features not "
+          "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
+          "vocabulary without space or apostrophe; too little data for the model. Check with "
+          "--overfit 20, and see 'When CTC training goes wrong' in the README.")
 
 
 def get_args(argv=None):
@@ -55,6 +61,9 @@ def get_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--overfit", type=int, default=0, metavar="N",
+                   help="health check: train and evaluate on N training utterances, no augmentation "
+                        "or dropout; a working pipeline drives their CER near zero")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="default: runs/<date>-<time>")
     g.add_argument("--resume", default=None, help="a last.pt to continue from (its run and flags)")
@@ -122,10 +131,38 @@ def evaluate(model, loader, device, amp):
             refs += batch["texts"]
     model.train()
     wer, cer = decode.error_rates(refs, hyps)
-    return wer, cer, list(zip(refs, hyps))[:3]
+    return wer, cer, list(zip(refs, hyps))
+
+
+def gradient_norms_by_block(model):
+    """Gradient norm of the front end, each GRU layer and the output layer. A block near zero
+    (vanishing) or far above the others (exploding) shows where to look."""
+    blocks = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            kind, index = name.split(".")[:2]  # rnns.2.weight_hh_l0 and norms.2.weight: GRU layer 2
+            block = f"rnn{index}" if kind in ("rnns", "norms") else "output" if kind == "output" else "front end"
+            blocks[block] = blocks.get(block, 0.0) + p.grad.detach().float().pow(2).sum()
+    return {block: round(float(total) ** 0.5, 4) for block, total in blocks.items()}
+
+
+def diagnose(hyps, cer_history, step, args):
+    """A plain-words warning when the run looks stuck, or None when it looks healthy."""
+    symbols = set("".join(hyps)) - {" "}
+    if step <= args.warmup_steps:
+        return None
+    if not symbols and step > 3 * args.warmup_steps:
+        return f"the output is still all blank at step {step}, 3x the warmup. {CAUSES}"
+    if 0 < len(symbols) <= 2:
+        return f"the output has collapsed to {''.join(sorted(symbols))!r}. {CAUSES}"
+    recent, earlier = cer_history[-STALLED_EVALS:], cer_history[:-STALLED_EVALS]
+    if earlier and min(recent) >= min(earlier):
+        return f"dev CER has not improved in {STALLED_EVALS} evaluations (best {min(earlier):.1f}%). {CAUSES}"
+    return None
 
 
 def main(argv=None):
+    """Train as the command line says; returns the trained model (on every rank)."""
     args = get_args(argv)
     distributed = "RANK" in os.environ  # set by torchrun
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
@@ -141,8 +178,11 @@ def main(argv=None):
         # The run continues with the flags it started with; only where it lives may change.
         args = argparse.Namespace(**{**checkpoint["train_config"], "resume": str(resume_path),
                                      "run_dir": str(resume_path.parent)})
-    if not args.data or not args.dev:
+    if not args.data or not (args.dev or args.overfit):
         sys.exit("error: --data and --dev are required (or --resume a run)")
+    if args.overfit:
+        args.freq_masks = args.time_masks = 0
+        args.dropout = 0.0
     if args.run_dir is None:
         args.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir)
@@ -162,7 +202,7 @@ def main(argv=None):
                          freq_masks=args.freq_masks, time_masks=args.time_masks)
     model = CTCModel(config)
     if checkpoint is not None:
-        if checkpoint["model_config"] != model_checkpoint(model, data.VOCAB)["model_config"]:
+        if checkpoint["model_config"] != asdict(config):
             sys.exit(f"error: --resume {args.resume}: model shape differs from the flags it was saved with")
         model = build_from_checkpoint(checkpoint)[0]
     model.to(device)
@@ -172,7 +212,9 @@ def main(argv=None):
     try:
         train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
                                           model.output_lengths, log)
-        dev_set = data.read_corpus(args.dev, log)
+        if args.overfit:
+            train_set = train_set[:args.overfit]
+        dev_set = train_set if args.overfit else data.read_corpus(args.dev, log)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     if not train_set:
@@ -232,6 +274,7 @@ def main(argv=None):
     totals = torch.zeros(3, device=device)  # loss, blank frames, frames: summed on device, read at log time
     window = {"audio": 0.0, "wait": 0.0, "steps": 0, "skipped": 0, "oom": 0, "grad_norm": 0.0, "start": time.time()}
     bad_in_a_row, run_start, start_step = 0, time.time(), step
+    cer_history, block_norms = [], {}
     model.train()
     while epoch < args.epochs and not stop:
         sampler.set_epoch(epoch, batch_in_epoch)
@@ -250,6 +293,8 @@ def main(argv=None):
                 loss = ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, batch["target_lengths"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if (step + 1) % args.eval_every == 0:  # this step ends in an evaluation
+                    block_norms = gradient_norms_by_block(model)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             except torch.OutOfMemoryError:
                 if distributed:  # the other ranks are already waiting in this step's all-reduce
@@ -312,11 +357,16 @@ def main(argv=None):
             if stop:
                 break
             if step % args.eval_every == 0 and master:
-                wer, cer, examples = evaluate(model, dev_loader, device, amp)
-                log(f"eval step {step}: dev WER {wer:.2f}% CER {cer:.2f}%")
-                for ref, hyp in examples:
+                wer, cer, pairs = evaluate(model, dev_loader, device, amp)
+                cer_history.append(cer)
+                log(f"eval step {step}: dev WER {wer:.2f}% CER {cer:.2f}%  gradient norms {block_norms}")
+                for ref, hyp in pairs[:3]:
                     log(f"  ref: {ref}\n  hyp: {hyp}")
-                metrics.write(json.dumps({"epoch": epoch, "step": step, "dev_wer": wer, "dev_cer": cer}) + "\n")
+                warning = diagnose([hyp for _, hyp in pairs], cer_history, step, args)
+                if warning:
+                    log(f"warning: {warning}")
+                metrics.write(json.dumps({"epoch": epoch, "step": step, "dev_wer": wer, "dev_cer": cer,
+                                          "grad_norms": block_norms, "warning": warning}) + "\n")
                 metrics.flush()
                 if wer < best_wer:
                     best_wer = wer
@@ -344,6 +394,7 @@ def main(argv=None):
         signal.signal(sig, handler)
     if distributed:
         dist.destroy_process_group()
+    return model
 
 
 if __name__ == "__main__":
