@@ -107,7 +107,7 @@ def _audio_info(paths):
             try:
                 header = soundfile.info(str(p))
                 entry = [stamp, [header.frames, header.samplerate]]
-            except (RuntimeError, soundfile.LibsndfileError):
+            except RuntimeError:  # soundfile.LibsndfileError: not audio, or a broken header
                 entry = [stamp, None]
             cache[str(p)], changed = entry, True
         info[p] = entry[1]
@@ -217,7 +217,7 @@ class AudioDataset(torch.utils.data.Dataset):
         u = self.utterances[i]
         try:
             wave = load_audio(u["path"])
-        except (RuntimeError, soundfile.LibsndfileError, ValueError) as e:
+        except (RuntimeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
             print(f"warning: skipping unreadable audio {u['path']}: {e}", file=sys.stderr)
             return None
         if not bool(wave.abs().max() > 0):

@@ -24,13 +24,14 @@ SEARCH_SECONDS = 2.0  # how far back from a window's edge to look for a pause to
 
 def greedy_decode(log_probs, out_lengths):
     """Best path: argmax per frame, collapse repeats, drop blanks, stop at each output length.
-    A letter repeated with a blank between (e.g. "l _ l") stays double."""
+    A letter repeated with a blank between ("l _ l") stays double."""
     best = log_probs.argmax(-1).cpu()                       # (B, T)
     new_symbol = torch.ones_like(best, dtype=torch.bool)
     new_symbol[:, 1:] = best[:, 1:] != best[:, :-1]
     inside = torch.arange(best.shape[1])[None, :] < out_lengths.cpu()[:, None]
     keep = new_symbol & inside & (best != data.BLANK)
-    return [data.decode_ids(row[k].tolist()) for row, k in zip(best, keep)]
+    # Spaces are symbols too: squeeze the doubled or leading ones a best path can hold.
+    return [" ".join(data.decode_ids(row[k].tolist()).split()) for row, k in zip(best, keep)]
 
 
 def edit_distance(ref, hyp):
@@ -140,7 +141,7 @@ def main():
     for utt_id, path, ref in utterances:
         try:
             waves.append(data.load_audio(path))
-        except (RuntimeError, ValueError, data.soundfile.LibsndfileError) as e:
+        except (RuntimeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
             print(f"error: {path}: cannot read audio: {e}", file=sys.stderr)
             continue
         ids.append(utt_id)

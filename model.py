@@ -58,6 +58,35 @@ def lengths_mask(lengths, max_len):
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def reverse_within_lengths(x, lengths):
+    """Flip each sequence's first length frames in time, leaving its padding at the end: (B, T, F)."""
+    t = torch.arange(x.shape[1], device=x.device)[None, :]
+    lengths = lengths[:, None]
+    index = torch.where(t < lengths, lengths - 1 - t, t)
+    return x.gather(1, index[:, :, None].expand_as(x))
+
+
+class BiGRULayer(nn.Module):
+    """LayerNorm, then a bidirectional GRU over a padded batch that the padding cannot affect:
+    the forward GRU meets each utterance's padding only after its last frame, and the backward
+    GRU reads each utterance reversed within its own length, so its padding also comes last.
+    On a CPU this is faster than packed sequences, whose input projection cannot be batched."""
+
+    def __init__(self, input_size, hidden):
+        super().__init__()
+        # Conv features arrive at an arbitrary scale and deep RNN stacks drift: normalizing
+        # each layer's input shortens the blank plateau a lot.
+        self.norm = nn.LayerNorm(input_size)
+        self.forward_gru = nn.GRU(input_size, hidden, batch_first=True)
+        self.backward_gru = nn.GRU(input_size, hidden, batch_first=True)
+
+    def forward(self, x, lengths):
+        x = self.norm(x)
+        left_to_right, _ = self.forward_gru(x)
+        right_to_left, _ = self.backward_gru(reverse_within_lengths(x, lengths))
+        return torch.cat([left_to_right, reverse_within_lengths(right_to_left, lengths)], dim=-1)
+
+
 class CTCModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -76,12 +105,8 @@ class CTCModel(nn.Module):
         freq_bins = config.n_mels
         for _ in self.convs:
             freq_bins = (freq_bins - 1) // FREQ_STRIDE + 1
-        # Each GRU layer reads layer-normalized input (conv features arrive at an arbitrary
-        # scale, and deep RNN stacks drift): this shortens the blank plateau a lot.
         sizes = [channels * freq_bins] + [2 * config.rnn_hidden] * (config.rnn_layers - 1)
-        self.norms = nn.ModuleList(nn.LayerNorm(size) for size in sizes)
-        self.rnns = nn.ModuleList(nn.GRU(size, config.rnn_hidden, batch_first=True, bidirectional=True)
-                                  for size in sizes)
+        self.layers = nn.ModuleList(BiGRULayer(size, config.rnn_hidden) for size in sizes)
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(2 * config.rnn_hidden, config.vocab_size)
 
@@ -96,7 +121,7 @@ class CTCModel(nn.Module):
         """Log-mel, normalized per utterance and per bin over real frames only: (B, T, n_mels)."""
         with torch.autocast(waves.device.type, enabled=False):  # log of small energies needs fp32
             x = torch.log(self.mel(waves.float()) + 1e-6).transpose(1, 2)
-        lengths = frame_lengths(wave_lengths).clamp(min=0).to(x.device)
+        lengths = frame_lengths(wave_lengths).clamp(min=0).to(x.device, non_blocking=True)
         mask = lengths_mask(lengths, x.shape[1])[:, :, None]
         count = lengths.clamp(min=1)[:, None, None]
         mean = (x * mask).sum(1, keepdim=True) / count
@@ -123,8 +148,8 @@ class CTCModel(nn.Module):
         return x * keep
 
     def forward(self, waves, wave_lengths):
-        """waves (B, samples) float, wave_lengths (B,) int (CPU is best: the GRU packing wants
-        lengths on the CPU) -> log_probs (B, T, vocab) float32, out_lengths (B,) on the CPU."""
+        """waves (B, samples) float, wave_lengths (B,) int on the CPU (no device sync to read
+        them) -> log_probs (B, T, vocab) float32, out_lengths (B,) on the CPU."""
         wave_lengths = wave_lengths.cpu()
         x, lengths = self.features(waves, wave_lengths)
         if self.training:
@@ -136,18 +161,10 @@ class CTCModel(nn.Module):
             # Zero the padded frames again so the next conv sees zeros there, as it would alone.
             x = x * lengths_mask(lengths, x.shape[2])[:, None, :, None]
         x = x.permute(0, 2, 1, 3).flatten(2)                # (B, T', channels * freq)
-        padded_frames = x.shape[1]
-        out_lengths = self.output_lengths(wave_lengths)
-        # Packing makes each GRU (both directions) stop at each utterance's own last frame;
-        # norm and dropout act on the packed frames only.
-        x = nn.utils.rnn.pack_padded_sequence(x, out_lengths.clamp(min=1), batch_first=True,
-                                              enforce_sorted=False)
-        for i, (norm, rnn) in enumerate(zip(self.norms, self.rnns)):
-            frames = norm(x.data)
-            x, _ = rnn(x._replace(data=self.dropout(frames) if i > 0 else frames))
-        x, _ = nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=padded_frames)
+        for i, layer in enumerate(self.layers):
+            x = layer(self.dropout(x) if i > 0 else x, lengths)
         logits = self.output(self.dropout(x))
-        return F.log_softmax(logits.float(), dim=-1), out_lengths
+        return F.log_softmax(logits.float(), dim=-1), self.output_lengths(wave_lengths)
 
 
 def build_from_checkpoint(checkpoint, map_location="cpu"):

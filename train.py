@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import data
 import decode
-from model import CTCModel, ModelConfig, build_from_checkpoint, model_checkpoint
+from model import CTCModel, ModelConfig, build_from_checkpoint, lengths_mask, model_checkpoint
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
@@ -47,6 +47,7 @@ def get_args(argv=None):
     g.add_argument("--batch-seconds", type=float, default=800.0, help="padded audio seconds per batch")
     g.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding audio")
     g = p.add_argument_group("model")
+    g.add_argument("--n-mels", type=int, default=80, help="log-mel bins")
     g.add_argument("--time-stride", type=int, default=2, choices=[1, 2, 3, 4], help="output frames/s = 100 / stride")
     g.add_argument("--conv-channels", type=int, default=32)
     g.add_argument("--rnn-layers", type=int, default=5)
@@ -140,8 +141,8 @@ def gradient_norms_by_block(model):
     blocks = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
-            kind, index = name.split(".")[:2]  # rnns.2.weight_hh_l0 and norms.2.weight: GRU layer 2
-            block = f"rnn{index}" if kind in ("rnns", "norms") else "output" if kind == "output" else "front end"
+            kind, index = name.split(".")[:2]  # layers.2.forward_gru.weight_hh_l0: GRU layer 2
+            block = f"rnn{index}" if kind == "layers" else "output" if kind == "output" else "front end"
             blocks[block] = blocks.get(block, 0.0) + p.grad.detach().float().pow(2).sum()
     return {block: round(float(total) ** 0.5, 4) for block, total in blocks.items()}
 
@@ -197,7 +198,7 @@ def main(argv=None):
     amp = device.type == "cuda"  # bf16 autocast: no loss scaling needed, unlike fp16
     torch.manual_seed(args.seed)
 
-    config = ModelConfig(len(data.VOCAB), time_stride=args.time_stride, conv_channels=args.conv_channels,
+    config = ModelConfig(len(data.VOCAB), n_mels=args.n_mels, time_stride=args.time_stride, conv_channels=args.conv_channels,
                          rnn_layers=args.rnn_layers, rnn_hidden=args.rnn_hidden, dropout=args.dropout,
                          freq_masks=args.freq_masks, time_masks=args.time_masks)
     model = CTCModel(config)
@@ -315,7 +316,7 @@ def main(argv=None):
                     bad_in_a_row = 0
                     window["grad_norm"] += float(grad_norm)
                     with torch.no_grad():
-                        inside = (torch.arange(log_probs.shape[1])[None, :] < out_lengths[:, None]).to(device)
+                        inside = lengths_mask(out_lengths.to(device, non_blocking=True), log_probs.shape[1])
                         blanks = ((log_probs.argmax(-1) == data.BLANK) & inside).sum()
                         totals += torch.stack([loss.detach(), blanks.float(), inside.sum().float()])
                 else:
