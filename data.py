@@ -29,7 +29,7 @@ import soundfile
 import torch
 import torchaudio
 
-SAMPLE_RATE = 16000
+from model import SAMPLE_RATE  # the rate the model's features are computed at
 VOCAB = ["_", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]  # "_" is the blank
 BLANK = 0                                                   # CTCLoss(blank=0)
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
@@ -139,10 +139,12 @@ def read_corpus(paths, log=print):
         items = _read_librispeech(path) if path.is_dir() else _read_manifest(path)
         if not items:
             raise DataError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
-        present = [(u, a, t) for u, a, t in items if a.is_file()]
-        for u, a, t in items:
-            if not a.is_file():
-                skip("audio file missing", a)
+        present = []
+        for item in items:
+            if item[1].is_file():
+                present.append(item)
+            else:
+                skip("audio file missing", item[1])
         if path.is_dir():
             listed = {a for _, a, _ in items}
             for audio in path.rglob("*"):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import data
-from model import FRAMES_PER_SECOND, build_from_checkpoint
+from model import HOP, SAMPLE_RATE, build_from_checkpoint
 
 SEARCH_SECONDS = 2.0  # how far back from a window's edge to look for a pause to cut at
 
@@ -61,12 +61,12 @@ def error_rates(refs, hyps):
 def split_windows(wave, window_seconds):
     """Cut a long waveform into pieces of at most window_seconds, each cut placed at the
     quietest 10 ms in the last SEARCH_SECONDS before the window's edge."""
-    window, search, hop = int(window_seconds * data.SAMPLE_RATE), int(SEARCH_SECONDS * data.SAMPLE_RATE), data.SAMPLE_RATE // FRAMES_PER_SECOND
+    window, search = int(window_seconds * SAMPLE_RATE), int(SEARCH_SECONDS * SAMPLE_RATE)
     pieces, start = [], 0
     while len(wave) - start > window:
         tail = wave[start + window - search:start + window]
-        energy = tail[: len(tail) // hop * hop].reshape(-1, hop).pow(2).sum(1)
-        cut = start + window - search + int(energy.argmin()) * hop
+        energy = tail[: len(tail) // HOP * HOP].reshape(-1, HOP).pow(2).sum(1)   # per 10 ms
+        cut = start + window - search + int(energy.argmin()) * HOP
         pieces.append(wave[start:cut])
         start = cut
     pieces.append(wave[start:])
@@ -101,7 +101,7 @@ def resolve_inputs(paths):
 def transcribe(model, waves, device, batch_seconds, window_seconds):
     """Transcripts for a list of 1-D waveforms, batched by length."""
     pieces = [(i, piece) for i, wave in enumerate(waves) for piece in split_windows(wave, window_seconds)]
-    seconds = [len(p) / data.SAMPLE_RATE for _, p in pieces]
+    seconds = [len(p) / SAMPLE_RATE for _, p in pieces]
     texts = [[] for _ in range(len(pieces))]
     for batch in data.BucketBatches(seconds, batch_seconds, shuffle=False):
         chunk = [pieces[j][1] for j in batch]
