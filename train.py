@@ -4,9 +4,9 @@
     python train.py --resume runs/<run>/last.pt             # continue a stopped run exactly
     torchrun --nproc_per_node=4 train.py --data ... --dev ...   # DistributedDataParallel
 
-A CPU-sized run (3.8M parameters, about 19 minutes on 2 cores for 5.4 h of audio; see README):
+A CPU-sized run (3.8M parameters, about 20 minutes on 2 cores for 5.4 h of audio; see README):
     python train.py --data synth/train-clean-100 --dev synth/dev-clean --rnn-layers 3 --rnn-hidden 256 \
-        --time-stride 4 --batch-seconds 100 --epochs 6 --workers 1 --lr 3e-3 --warmup-steps 150 \
+        --time-stride 2 --batch-seconds 100 --epochs 3 --workers 1 --lr 3e-3 --warmup-steps 150 \
         --freq-masks 0 --time-masks 0 --eval-every 100
 
 Every --log-every steps a line shows loss, learning rate, gradient norm, x-realtime (audio
