@@ -4,10 +4,10 @@
     log_probs, out_lengths = model(waves, wave_lengths)   # (B, T, vocab), (B,)
 
 Read top to bottom, this file is the whole path from samples to the CTC loss input:
-log-mel -> per-utterance normalization -> SpecAugment (training only) -> 2-D conv with a
-time stride -> bidirectional GRU -> linear -> log_softmax. Features live inside the model so
-that training and decoding cannot disagree on them. Every step is padding-invariant: an
-utterance gets the same output alone and inside a padded batch.
+log-mel -> per-utterance normalization -> frequency warp and SpecAugment (training only) ->
+2-D conv with a time stride -> bidirectional GRU -> linear -> log_softmax. Features live inside
+the model so that training and decoding cannot disagree on them. Every step is
+padding-invariant: an utterance gets the same output alone and inside a padded batch.
 """
 from dataclasses import asdict, dataclass
 
@@ -37,10 +37,19 @@ class ModelConfig:
     rnn_layers: int = 5
     rnn_hidden: int = 512            # per direction
     dropout: float = 0.1
+    freq_warp: float = 0.1           # VTLP: formants scaled by a random factor in 1 +- this
     freq_masks: int = 2              # SpecAugment (LibriSpeech "LD" policy, Park et al. 2019)
     freq_mask_width: int = 27
     time_masks: int = 2
     time_mask_width: int = 40        # frames (0.4 s), and at most 20% of the utterance
+
+
+def hz_to_mel(hz):
+    return 2595 * torch.log10(1 + hz / 700)
+
+
+def mel_to_hz(mel):
+    return 700 * (10 ** (mel / 2595) - 1)
 
 
 def frame_lengths(wave_lengths):
@@ -128,6 +137,20 @@ class CTCModel(nn.Module):
         var = (((x - mean) * mask) ** 2).sum(1, keepdim=True) / count
         return ((x - mean) / (var + 1e-5).sqrt()) * mask, lengths
 
+    def warp_frequencies(self, x, factor):
+        """Vocal tract length perturbation (Jaitly & Hinton 2013): read each utterance's mel
+        axis as if every frequency were scaled by its factor (B, 1), as a longer or shorter
+        vocal tract scales the formants. In a small corpus, unseen voices cause most dev errors."""
+        B, T, n_mels = x.shape
+        mel_top = hz_to_mel(torch.tensor(SAMPLE_RATE / 2, device=x.device))
+        centers = mel_to_hz(mel_top * torch.arange(1, n_mels + 1, device=x.device) / (n_mels + 1))
+        # The fractional bin whose center (torchaudio's HTK mel scale) is center / factor.
+        source = (hz_to_mel(centers / factor) / mel_top * (n_mels + 1) - 1).clamp(0, n_mels - 1)
+        low = source.floor().long().clamp(max=n_mels - 2)
+        weight = (source - low)[:, None, :]
+        low = low[:, None, :].expand(B, T, n_mels)
+        return torch.lerp(x.gather(2, low), x.gather(2, low + 1), weight)
+
     def spec_augment(self, x, lengths):
         """Zero random mel bands and time spans; vectorized over the batch."""
         B, T, n_mels = x.shape
@@ -153,6 +176,9 @@ class CTCModel(nn.Module):
         wave_lengths = wave_lengths.cpu()
         x, lengths = self.features(waves, wave_lengths)
         if self.training:
+            if self.config.freq_warp:
+                factor = 1 + self.config.freq_warp * (2 * torch.rand(len(x), 1, device=x.device) - 1)
+                x = self.warp_frequencies(x, factor)
             x = self.spec_augment(x, lengths)
         x = x.unsqueeze(1)                                  # (B, 1, T, n_mels)
         for conv, stride in zip(self.convs, TIME_STRIDES[self.config.time_stride]):

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 LETTERS = "abcdefghij"
 PITCH = {c: 300 * 1.25 ** i for i, c in enumerate(LETTERS)}
 TINY = ["--rnn-layers", "1", "--rnn-hidden", "32", "--conv-channels", "4", "--workers", "0",
-        "--freq-masks", "0", "--time-masks", "0", "--log-every", "5"]
+        "--freq-warp", "0", "--freq-masks", "0", "--time-masks", "0", "--log-every", "5"]
 
 
 @pytest.fixture(autouse=True)
@@ -154,6 +154,22 @@ def test_spec_augment_only_in_training():
     assert not torch.equal(model(wave, length)[0], model(wave, length)[0])
 
 
+def test_frequency_warp_moves_a_tone_as_a_scaled_vocal_tract_would():
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
+    t = torch.arange(16000) / data.SAMPLE_RATE
+
+    def log_mel(hz):  # (1, T, n_mels), before the per-bin normalization that would flatten a steady tone
+        return torch.log(model.mel(torch.sin(2 * torch.pi * hz * t)[None]) + 1e-6).transpose(1, 2)
+
+    def peak_bin(features):
+        return int(features[0].mean(0).argmax())
+
+    for hz, factor in [(1000, 1.2), (2500, 0.85), (500, 1.1)]:
+        warped = model.warp_frequencies(log_mel(hz), torch.tensor([[factor]]))
+        assert abs(peak_bin(warped) - peak_bin(log_mel(hz * factor))) <= 1
+        assert abs(peak_bin(warped) - peak_bin(log_mel(hz))) >= 2
+
+
 def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=2, rnn_hidden=16, conv_channels=4)).eval()
     train.save_atomically({**model_checkpoint(model, data.VOCAB), "note": [1, "x"]}, tmp_path / "m.pt")
@@ -179,7 +195,8 @@ def train_flags(train_dir, dev_dir, run_dir, *extra):
 
 def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_path, monkeypatch):
     train_dir, dev_dir = make_corpus(tmp_path, 40, 6)
-    flags = ["--epochs", "2", "--eval-every", "4", "--freq-masks", "1", "--time-masks", "1", "--rnn-layers", "2"]
+    flags = ["--epochs", "2", "--eval-every", "4", "--freq-warp", "0.1", "--freq-masks", "1", "--time-masks", "1",
+             "--rnn-layers", "2"]
     trace = []  # (lr, utterance ids) per step
     real_lr, real_collate = train.learning_rate, data.collate
     monkeypatch.setattr(data, "collate", lambda items: trace.append([it[3] for it in items]) or real_collate(items))
@@ -265,7 +282,7 @@ def test_a_small_model_learns_to_read_tone_bursts(tmp_path):
     write_librispeech(test_dir, test_texts, speaker=3)
     train.main(["--data", str(train_dir), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"),
                 "--rnn-layers", "2", "--rnn-hidden", "64", "--conv-channels", "8", "--workers", "0",
-                "--freq-masks", "0", "--time-masks", "0", "--batch-seconds", "8", "--epochs", "4",
+                "--freq-warp", "0", "--freq-masks", "0", "--time-masks", "0", "--batch-seconds", "8", "--epochs", "4",
                 "--lr", "3e-3", "--warmup-steps", "30", "--eval-every", "50", "--log-every", "50"])
     model, _ = build_from_checkpoint(tmp_path / "run/best.pt")
     waves = [data.load_audio(p) for p in sorted(test_dir.rglob("*.flac"))]
@@ -554,10 +571,11 @@ def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_pa
 def test_overfit_trains_and_scores_n_utterances_without_augmentation(tmp_path, capsys):
     train_dir, _ = make_corpus(tmp_path, 30, 1)
     train.main(["--data", str(train_dir), "--overfit", "4", "--run-dir", str(tmp_path / "run"), *TINY,
-                "--freq-masks", "2", "--batch-seconds", "60", "--epochs", "3", "--eval-every", "1"])
+                "--freq-warp", "0.1", "--freq-masks", "2", "--batch-seconds", "60", "--epochs", "3", "--eval-every", "1"])
     checkpoint = torch.load(tmp_path / "run/last.pt", weights_only=True)
     assert checkpoint["step"] == 3  # 4 utterances: one batch per epoch
     assert checkpoint["model_config"]["freq_masks"] == checkpoint["model_config"]["time_masks"] == 0
+    assert checkpoint["model_config"]["freq_warp"] == 0.0
     assert checkpoint["model_config"]["dropout"] == 0.0
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("  ref:")]) == 3 * 3
 

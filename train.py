@@ -4,10 +4,10 @@
     python train.py --resume runs/<run>/last.pt             # continue a stopped run exactly
     torchrun --nproc_per_node=4 train.py --data ... --dev ...   # DistributedDataParallel
 
-A CPU-sized run (3.8M parameters, about 20 minutes on 2 cores for 5.4 h of audio; see README):
+A CPU-sized run (3.8M parameters, under 20 minutes on 2 cores for 5.4 h of audio; see README):
     python train.py --data synth/train-clean-100 --dev synth/dev-clean --rnn-layers 3 --rnn-hidden 256 \
-        --time-stride 2 --batch-seconds 100 --epochs 3 --workers 1 --lr 3e-3 --warmup-steps 150 \
-        --freq-masks 0 --time-masks 0 --eval-every 100
+        --time-stride 3 --batch-seconds 100 --epochs 4 --workers 1 --lr 3e-3 --warmup-steps 150 \
+        --freq-warp 0.2 --freq-masks 0 --time-masks 0 --eval-every 100
 
 Every --log-every steps a line shows loss, learning rate, gradient norm, x-realtime (audio
 seconds trained per wall second), data wait, ETA and the share of blank frames in the greedy
@@ -54,6 +54,7 @@ def get_args(argv=None):
     g.add_argument("--rnn-layers", type=int, default=5)
     g.add_argument("--rnn-hidden", type=int, default=512, help="GRU units per direction")
     g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--freq-warp", type=float, default=0.1, help="VTLP: scale frequencies by 1 +- up to this (0: off)")
     g.add_argument("--freq-masks", type=int, default=2, help="SpecAugment frequency masks (0: off)")
     g.add_argument("--time-masks", type=int, default=2, help="SpecAugment time masks (0: off)")
     g = p.add_argument_group("optimization")
@@ -184,6 +185,7 @@ def main(argv=None):
         sys.exit("error: --data and --dev are required (or --resume a run)")
     if args.overfit:
         args.freq_masks = args.time_masks = 0
+        args.freq_warp = 0.0
         args.dropout = 0.0
     if args.run_dir is None:
         args.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
@@ -200,7 +202,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     config = ModelConfig(len(data.VOCAB), n_mels=args.n_mels, time_stride=args.time_stride, conv_channels=args.conv_channels,
-                         rnn_layers=args.rnn_layers, rnn_hidden=args.rnn_hidden, dropout=args.dropout,
+                         rnn_layers=args.rnn_layers, rnn_hidden=args.rnn_hidden, dropout=args.dropout, freq_warp=args.freq_warp,
                          freq_masks=args.freq_masks, time_masks=args.time_masks)
     model = CTCModel(config)
     if checkpoint is not None:
