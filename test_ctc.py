@@ -216,7 +216,8 @@ def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_pa
     stopped = torch.load(tmp_path / "split/last.pt", weights_only=True)
     assert stopped["step"] == 6 and stopped["epoch"] == 0
     interrupt_at = None
-    train.main(["--resume", str(tmp_path / "split/last.pt")])
+    # A flag that changes only how often it logs may be given (a flag that changes the run may not).
+    train.main(["--resume", str(tmp_path / "split/last.pt"), "--log-every", "3"])
     # Each step's lr, then its batch: the same sequence straight and across the resume
     # (dev batches included, since evaluation happens at the same steps).
     assert trace == straight
@@ -423,12 +424,14 @@ def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tm
                          (other_shape, {"model_config": {**good["model_config"], "rnn_hidden": 64}})]:
         path.parent.mkdir()
         torch.save({**good, **change}, path)
-    cases = [(tmp_path / "missing.pt", "no such file"), (corrupt, "not a readable"),
-             (other_vocab, "vocabulary"), (other_shape, "model shape")]
+    cases = [(tmp_path / "missing.pt", [], "no such file"), (corrupt, [], "not a readable"),
+             (other_vocab, [], "vocabulary"), (other_shape, [], "model shape"),
+             # A flag that would change the run is refused, not silently ignored.
+             (tmp_path / "run/last.pt", ["--lr", "0.5", "--eval-every", "7"], "--lr cannot change")]
     files_before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for path, problem in cases:
+    for path, flags, problem in cases:
         with pytest.raises(SystemExit) as exit_info:
-            train.main(["--resume", str(path)])
+            train.main(["--resume", str(path), *flags])
         assert str(path) in str(exit_info.value) and problem in str(exit_info.value)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files_before
 

@@ -33,6 +33,8 @@ from model import CTCModel, ModelConfig, build_from_checkpoint, lengths_mask, mo
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
+# Flags that change where and how often, not what, a run computes: --resume may change them.
+RESUME_MAY_CHANGE = ("device", "workers", "log_every", "eval_every", "save_every")
 CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-steps); features not "
           "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
           "vocabulary without space or apostrophe; too little data for the model. Check with "
@@ -75,6 +77,10 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, default=1000)
     g.add_argument("--save-every", type=int, default=500)
     return p.parse_args(argv)
+
+
+def as_flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def learning_rate(step, total_steps, args):
@@ -178,8 +184,14 @@ def main(argv=None):
     checkpoint = None
     if args.resume:
         resume_path, checkpoint = load_resume(args.resume, log)
-        # The run continues with the flags it started with; only where it lives may change.
-        args = argparse.Namespace(**{**checkpoint["train_config"], "resume": str(resume_path),
+        defaults = vars(get_args([]))
+        given = {k: v for k, v in vars(args).items() if k != "resume" and v != defaults[k]}
+        fixed = [as_flag(k) for k in given if k not in RESUME_MAY_CHANGE]
+        if fixed:  # silently ignoring them would train something other than what was asked
+            sys.exit(f"error: --resume continues {resume_path} with the flags it was started with; "
+                     f"{' '.join(fixed)} cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} "
+                     f"can). Drop them, or start a new run with a new --run-dir.")
+        args = argparse.Namespace(**{**checkpoint["train_config"], **given, "resume": str(resume_path),
                                      "run_dir": str(resume_path.parent)})
     if not args.data or not (args.dev or args.overfit):
         sys.exit("error: --data and --dev are required (or --resume a run)")
