@@ -26,6 +26,7 @@ CONV_KERNEL = 3
 # still leaves CTC room for a blank between repeated letters.
 TIME_STRIDES = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2)}
 FREQ_STRIDE = 2                      # each conv layer halves the mel axis as well
+WARP_KNOTS = 4                       # frequency warp factors at ~0, 0.9, 3 and 8 kHz (80 mels)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ModelConfig:
     rnn_layers: int = 5
     rnn_hidden: int = 512            # per direction
     dropout: float = 0.1
-    freq_warp: float = 0.1           # VTLP: formants scaled by a random factor in 1 +- this
+    freq_warp: float = 0.1           # VTLP: each frequency region scaled by a factor in 1 +- this
     freq_masks: int = 2              # SpecAugment (LibriSpeech "LD" policy, Park et al. 2019)
     freq_mask_width: int = 27
     time_masks: int = 2
@@ -138,9 +139,11 @@ class CTCModel(nn.Module):
         return ((x - mean) / (var + 1e-5).sqrt()) * mask, lengths
 
     def warp_frequencies(self, x, factor):
-        """Vocal tract length perturbation (Jaitly & Hinton 2013): read each utterance's mel
-        axis as if every frequency were scaled by its factor (B, 1), as a longer or shorter
-        vocal tract scales the formants. In a small corpus, unseen voices cause most dev errors."""
+        """Vocal tract length perturbation (Jaitly & Hinton 2013), per frequency region: read
+        each utterance's mel axis as if the frequency at each bin were scaled by that bin's
+        factor, (B, 1) for one factor or (B, n_mels) for a smooth curve of them, as a longer
+        or shorter vocal tract, or another mouth shape, moves the formants. In a small
+        corpus, unseen voices cause most dev errors."""
         B, T, n_mels = x.shape
         mel_top = hz_to_mel(torch.tensor(SAMPLE_RATE / 2, device=x.device))
         centers = mel_to_hz(mel_top * torch.arange(1, n_mels + 1, device=x.device) / (n_mels + 1))
@@ -177,7 +180,10 @@ class CTCModel(nn.Module):
         x, lengths = self.features(waves, wave_lengths)
         if self.training:
             if self.config.freq_warp:
-                factor = 1 + self.config.freq_warp * (2 * torch.rand(len(x), 1, device=x.device) - 1)
+                # One factor at each of WARP_KNOTS points along the mel axis, linear between: voices
+                # differ in how they scale each formant, not only in one vocal tract length.
+                knots = 1 + self.config.freq_warp * (2 * torch.rand(len(x), 1, WARP_KNOTS, device=x.device) - 1)
+                factor = F.interpolate(knots, size=x.shape[2], mode="linear", align_corners=True)[:, 0]
                 x = self.warp_frequencies(x, factor)
             x = self.spec_augment(x, lengths)
         x = x.unsqueeze(1)                                  # (B, 1, T, n_mels)

@@ -154,20 +154,27 @@ def test_spec_augment_only_in_training():
     assert not torch.equal(model(wave, length)[0], model(wave, length)[0])
 
 
-def test_frequency_warp_moves_a_tone_as_a_scaled_vocal_tract_would():
+def test_frequency_warp_moves_tones_as_a_scaled_vocal_tract_would():
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     t = torch.arange(16000) / data.SAMPLE_RATE
 
-    def log_mel(hz):  # (1, T, n_mels), before the per-bin normalization that would flatten a steady tone
-        return torch.log(model.mel(torch.sin(2 * torch.pi * hz * t)[None]) + 1e-6).transpose(1, 2)
+    def log_mel(*hz):  # (1, T, n_mels), before the per-bin normalization that would flatten a steady tone
+        wave = sum(torch.sin(2 * torch.pi * f * t) for f in hz)[None]
+        return torch.log(model.mel(wave) + 1e-6).transpose(1, 2)
 
-    def peak_bin(features):
-        return int(features[0].mean(0).argmax())
+    def peak_bin(features, bins=slice(None)):
+        return int(features[0].mean(0)[bins].argmax())
 
     for hz, factor in [(1000, 1.2), (2500, 0.85), (500, 1.1)]:
         warped = model.warp_frequencies(log_mel(hz), torch.tensor([[factor]]))
         assert abs(peak_bin(warped) - peak_bin(log_mel(hz * factor))) <= 1
         assert abs(peak_bin(warped) - peak_bin(log_mel(hz))) >= 2
+    # A factor per bin moves each region by its own: here a low tone down and a high tone up.
+    curve = torch.where(torch.arange(model.config.n_mels) < 40, 0.85, 1.15)[None]
+    warped = model.warp_frequencies(log_mel(500, 4000), curve)
+    for hz, factor, bins in [(500, 0.85, slice(0, 40)), (4000, 1.15, slice(40, None))]:
+        assert abs(peak_bin(warped, bins) - peak_bin(log_mel(hz * factor), bins)) <= 1
+        assert abs(peak_bin(warped, bins) - peak_bin(log_mel(hz), bins)) >= 2
 
 
 def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path):
