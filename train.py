@@ -161,7 +161,8 @@ def diagnose(hyps, cer_history, step, args):
     if step <= args.warmup_steps:
         return None
     if not symbols and step > 3 * args.warmup_steps:
-        return f"the output is still all blank at step {step}, 3x the warmup. {CAUSES}"
+        return (f"the output is still all blank at step {step}, more than 3x the warmup "
+                f"(--warmup-steps {args.warmup_steps}). {CAUSES}")
     if 0 < len(symbols) <= 2:
         return f"the output has collapsed to {''.join(sorted(symbols))!r}. {CAUSES}"
     recent, earlier = cer_history[-STALLED_EVALS:], cer_history[:-STALLED_EVALS]
