@@ -56,7 +56,7 @@ def get_args(argv=None):
     g.add_argument("--rnn-layers", type=int, default=5)
     g.add_argument("--rnn-hidden", type=int, default=512, help="GRU units per direction")
     g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--freq-warp", type=float, default=0.1, help="VTLP: scale frequencies by 1 +- up to this (0: off)")
+    g.add_argument("--freq-warp", type=float, default=0.1, help="VTLP per region: scale each frequency region by 1 +- up to this (0: off)")
     g.add_argument("--freq-masks", type=int, default=2, help="SpecAugment frequency masks (0: off)")
     g.add_argument("--time-masks", type=int, default=2, help="SpecAugment time masks (0: off)")
     g = p.add_argument_group("optimization")
