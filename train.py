@@ -34,7 +34,7 @@ from model import CTCModel, ModelConfig, build_from_checkpoint, lengths_mask, mo
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
 # Flags that change where and how often, not what, a run computes: --resume may change them.
-RESUME_MAY_CHANGE = ("device", "workers", "log_every", "eval_every", "save_every")
+RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every")
 CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-steps); features not "
           "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
           "vocabulary without space or apostrophe; too little data for the model. Check with "
@@ -73,6 +73,9 @@ def get_args(argv=None):
     g.add_argument("--run-dir", default=None, help="default: runs/<date>-<time>")
     g.add_argument("--resume", default=None, help="a last.pt to continue from (its run and flags)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast; default: on for CUDA and for CPUs with AVX512-BF16 (1.3x faster "
+                        "steps there), off on other CPUs, which only emulate bf16")
     g.add_argument("--log-every", type=int, default=50)
     g.add_argument("--eval-every", type=int, default=1000)
     g.add_argument("--save-every", type=int, default=500)
@@ -211,7 +214,8 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     else:
         device = torch.device(args.device)
-    amp = device.type == "cuda"  # bf16 autocast: no loss scaling needed, unlike fp16
+    # bf16 autocast: no loss scaling needed, unlike fp16.
+    amp = args.bf16 if args.bf16 is not None else device.type == "cuda" or torch.cpu._is_avx512_bf16_supported()
     torch.manual_seed(args.seed)
 
     config = ModelConfig(len(data.VOCAB), n_mels=args.n_mels, time_stride=args.time_stride, conv_channels=args.conv_channels,
@@ -224,7 +228,7 @@ def main(argv=None):
         model = build_from_checkpoint(checkpoint)[0]
     model.to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{100 / args.time_stride:.0f} output frames/s, device {device}, world size {world_size}")
+        f"{100 / args.time_stride:.0f} output frames/s, device {device}{' bf16' if amp else ''}, world size {world_size}")
 
     try:
         train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
@@ -246,7 +250,7 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     # Own generators: the loaders must not draw from the global RNG, or resume would shift it.
-    loader_args = dict(collate_fn=data.collate, num_workers=args.workers, pin_memory=amp,
+    loader_args = dict(collate_fn=data.collate, num_workers=args.workers, pin_memory=device.type == "cuda",
                        worker_init_fn=ignore_signals, persistent_workers=args.workers > 0)
     if args.workers > 0:
         loader_args["prefetch_factor"] = 4
