@@ -6,8 +6,8 @@
 
 A CPU-sized run (3.8M parameters, under 20 minutes on 2 cores for 5.4 h of audio; see README):
     python train.py --data synth/train-clean-100 --dev synth/dev-clean --rnn-layers 3 --rnn-hidden 256 \
-        --time-stride 3 --batch-seconds 100 --epochs 4 --workers 1 --lr 3e-3 --warmup-steps 150 \
-        --freq-warp 0.2 --dropout 0 --freq-masks 0 --time-masks 0 --log-every 25 --eval-every 100
+        --time-stride 3 --batch-seconds 100 --epochs 5 --workers 1 --lr 3e-3 --warmup-steps 150 \
+        --freq-warp 0.2 --dropout 0 --freq-masks 0 --time-masks 0 --log-every 25 --eval-every 200
 
 Every --log-every steps a line shows loss, learning rate, gradient norm, x-realtime (audio
 seconds trained per wall second), data wait, ETA and the share of blank frames in the greedy
