@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import data
 import decode
-from model import CTCModel, ModelConfig, build_from_checkpoint, lengths_mask, model_checkpoint
+from model import FRAMES_PER_SECOND, CTCModel, ModelConfig, build_from_checkpoint, lengths_mask, model_checkpoint
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
@@ -214,8 +214,9 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     else:
         device = torch.device(args.device)
+    cuda = device.type == "cuda"
     # bf16 autocast: no loss scaling needed, unlike fp16.
-    amp = args.bf16 if args.bf16 is not None else device.type == "cuda" or torch.cpu._is_avx512_bf16_supported()
+    amp = args.bf16 if args.bf16 is not None else cuda or torch.cpu._is_avx512_bf16_supported()
     torch.manual_seed(args.seed)
 
     config = ModelConfig(len(data.VOCAB), n_mels=args.n_mels, time_stride=args.time_stride, conv_channels=args.conv_channels,
@@ -228,7 +229,8 @@ def main(argv=None):
         model = build_from_checkpoint(checkpoint)[0]
     model.to(device)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{100 / args.time_stride:.0f} output frames/s, device {device}{' bf16' if amp else ''}, world size {world_size}")
+        f"{FRAMES_PER_SECOND / args.time_stride:.0f} output frames/s, "
+        f"device {device}{' bf16' if amp else ''}, world size {world_size}")
 
     try:
         train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
@@ -250,7 +252,7 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     # Own generators: the loaders must not draw from the global RNG, or resume would shift it.
-    loader_args = dict(collate_fn=data.collate, num_workers=args.workers, pin_memory=device.type == "cuda",
+    loader_args = dict(collate_fn=data.collate, num_workers=args.workers, pin_memory=cuda,
                        worker_init_fn=ignore_signals, persistent_workers=args.workers > 0)
     if args.workers > 0:
         loader_args["prefetch_factor"] = 4
@@ -262,14 +264,14 @@ def main(argv=None):
         generator=torch.Generator(), **loader_args)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=cuda)
     step, epoch, batch_in_epoch, best_wer = 0, 0, 0, float("inf")
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, epoch, batch_in_epoch = checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]
         best_wer = checkpoint["best_wer"]
         torch.set_rng_state(checkpoint["rng_cpu"])
-        if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
+        if cuda and checkpoint["rng_cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng_cuda"])
     total_steps = args.epochs * len(sampler)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
@@ -284,7 +286,7 @@ def main(argv=None):
             **model_checkpoint(model, data.VOCAB), "train_config": vars(args),
             "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "best_wer": best_wer, "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            "rng_cuda": torch.cuda.get_rng_state() if cuda else None,
         }, run_dir / name)
 
     def evaluate_and_keep_best(label):
@@ -341,7 +343,7 @@ def main(argv=None):
                 # One outsized batch should not end a long run: drop it and go on.
                 waves = targets = log_probs = loss = None
                 optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
+                if cuda:
                     torch.cuda.empty_cache()
                 window["oom"] += 1
                 log(f"warning: out of memory on a batch of {len(batch['ids'])} utterances "
