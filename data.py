@@ -1,6 +1,4 @@
-"""Corpus, text, audio and batches; and getting LibriSpeech.
-
-    python data.py download train-clean-100 dev-clean test-clean --root .   # -> ./LibriSpeech/...
+"""Corpus, text, audio and batches (download.py gets the corpora).
 
     corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])
     batches = BucketBatches([u["seconds"] for u in corpus], batch_seconds=800, seed=0)
@@ -10,18 +8,12 @@ with the .flac files beside it) or a TSV manifest (audio path<TAB>transcript, pa
 the manifest). Utterances are batched by total padded audio seconds from length-sorted
 buckets; the batch order is reshuffled every epoch from (seed, epoch), so it can be replayed.
 """
-import argparse
 import collections
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tarfile
-import time
 import unicodedata
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +21,13 @@ import soundfile
 import torch
 import torchaudio
 
-from model import SAMPLE_RATE  # the rate the model's features are computed at
+from model import SAMPLE_RATE, WINDOW  # the model computes features at this rate, in such windows
+
 VOCAB = ["_", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]  # "_" is the blank
 BLANK = 0                                                   # CTCLoss(blank=0)
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
 AUDIO_SUFFIXES = (".flac", ".wav")
+TOO_SHORT = f"shorter than one analysis window ({1000 * WINDOW // SAMPLE_RATE} ms)"
 LAYOUTS = ("a LibriSpeech-layout directory (<speaker>/<chapter>/<speaker>-<chapter>.trans.txt "
            "beside the .flac files) or a TSV manifest (audio path<TAB>transcript)")
 # Characters that separate words in running text become spaces rather than vanishing.
@@ -62,21 +56,56 @@ def decode_ids(ids):
 
 
 # ---------------------------------------------------------------------------------- corpus
-def _read_librispeech(root):
-    """(utt_id, audio path, raw transcript) for every transcript line under root."""
+def _files_under(root, skip):
+    """Every file under root, sorted, following links to folders (each real folder once, so a
+    link to an ancestor cannot loop); a folder that cannot be read is passed to skip."""
+    seen = set()
+    walk = os.walk(root, followlinks=True, onerror=lambda e: skip("folder not readable", e.filename))
+    for folder, subfolders, files in walk:
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        yield from (Path(folder) / name for name in sorted(files))
+
+
+def _read_lines(path):
+    """The lines of a UTF-8 text file (a byte-order mark is dropped), or DataError naming the
+    file and the line that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8. "
+                        f"Expected {LAYOUTS}.") from None
+
+
+def _read_librispeech(files, skip):
+    """(utt_id, audio path, raw transcript) for every line of the .trans.txt files."""
     items = []
-    for trans in sorted(root.rglob("*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            utt_id, _, text = line.strip().partition(" ")
-            items.append((utt_id, trans.parent / f"{utt_id}.flac", text))
+    for trans in (f for f in files if f.name.endswith(".trans.txt")):
+        try:
+            lines = _read_lines(trans)
+        except OSError:
+            skip("transcript file not readable", trans)
+            continue
+        for line in lines:
+            if line.strip():
+                utt_id, _, text = line.strip().partition(" ")
+                items.append((utt_id, trans.parent / f"{utt_id}.flac", text))
     return items
 
 
 def _read_manifest(path):
     items = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = _read_lines(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    for line_no, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
         audio, tab, text = line.partition("\t")
@@ -136,7 +165,8 @@ def read_corpus(paths, log=print):
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
-        items = _read_librispeech(path) if path.is_dir() else _read_manifest(path)
+        files = list(_files_under(path, skip)) if path.is_dir() else []
+        items = _read_librispeech(files, skip) if path.is_dir() else _read_manifest(path)
         if not items:
             raise DataError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
         present = []
@@ -147,7 +177,7 @@ def read_corpus(paths, log=print):
                 skip("audio file missing", item[1])
         if path.is_dir():
             listed = {a for _, a, _ in items}
-            for audio in path.rglob("*"):
+            for audio in files:
                 if audio.suffix.lower() in AUDIO_SUFFIXES and audio not in listed:
                     skip("audio without transcript (ignored)", audio)
         info, usable_before = _audio_info([a for _, a, _ in present]), len(utterances)
@@ -158,6 +188,8 @@ def read_corpus(paths, log=print):
                 skip("not readable as audio", audio)
             elif info[audio][0] == 0:
                 skip("zero-length audio", audio)
+            elif info[audio][0] / info[audio][1] < WINDOW / SAMPLE_RATE:
+                skip(TOO_SHORT, audio)
             elif not text:
                 skip("empty transcript", audio)
             else:
@@ -205,9 +237,24 @@ def load_audio(path):
     return wave
 
 
+def load_usable_audio(path):
+    """(waveform, None), or (None, why the file cannot be trained on, scored or decoded)."""
+    try:
+        wave = load_audio(path)
+    except (RuntimeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
+        return None, f"unreadable audio ({e})"
+    if len(wave) < WINDOW:
+        return None, TOO_SHORT
+    if not bool(torch.isfinite(wave).all()):
+        return None, "NaN or infinite samples"
+    if not bool(wave.abs().max() > 0):
+        return None, "silent audio"
+    return wave, None
+
+
 class AudioDataset(torch.utils.data.Dataset):
-    """Item i -> (waveform, token ids, text, id), or None when the file cannot be decoded or is
-    silent; collate() drops those, so one bad file costs one utterance, not the run."""
+    """Item i -> (waveform, token ids, text, id), or None when the file cannot be used;
+    collate() drops those, so one bad file costs one utterance, not the run."""
 
     def __init__(self, utterances):
         self.utterances = utterances
@@ -217,25 +264,24 @@ class AudioDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         u = self.utterances[i]
-        try:
-            wave = load_audio(u["path"])
-        except (RuntimeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
-            print(f"warning: skipping unreadable audio {u['path']}: {e}", file=sys.stderr)
-            return None
-        if not bool(wave.abs().max() > 0):
-            print(f"warning: skipping silent audio {u['path']}", file=sys.stderr)
+        wave, problem = load_usable_audio(u["path"])
+        if problem:
+            print(f"warning: skipping {u['path']}: {problem}", file=sys.stderr)
             return None
         return wave, torch.tensor(encode(u["text"]), dtype=torch.long), u["text"], u["id"]
 
 
 def collate(items):
-    """Pad a list of dataset items into one batch dict (waves zero-padded at the end)."""
+    """Pad a list of dataset items into one batch dict (waves zero-padded at the end), or None
+    when every file in it was unusable: the training loop counts that as a skipped step."""
     items = [it for it in items if it is not None]
-    waves, targets, texts, ids = zip(*items) if items else ((), (), (), ())
+    if not items:
+        return None
+    waves, targets, texts, ids = zip(*items)
     return {
-        "waves": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True) if items else torch.zeros(0, 0),
+        "waves": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True),
         "wave_lengths": torch.tensor([len(w) for w in waves], dtype=torch.long),
-        "targets": torch.nn.utils.rnn.pad_sequence(targets, batch_first=True) if items else torch.zeros(0, 0, dtype=torch.long),
+        "targets": torch.nn.utils.rnn.pad_sequence(targets, batch_first=True),
         "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
         "texts": list(texts), "ids": list(ids),
     }
@@ -246,8 +292,9 @@ class BucketBatches(torch.utils.data.Sampler):
     """Batches of similar-length utterances, each at most batch_seconds of padded audio.
 
     The batches are fixed (sorted by length, so little padding); only their order changes:
-    shortest first in epoch 0, then reshuffled each epoch from (seed, epoch). set_epoch(epoch, start) replays an epoch from its
-    start-th batch, which is how resume continues the same data order. With several ranks each
+    shortest first in epoch 0, then reshuffled each epoch from (seed, epoch). set_epoch(epoch,
+    start) replays an epoch from its start-th batch, which is how resume continues the same
+    data order. With several ranks each
     takes every world_size-th batch of the same order, trimmed so all ranks take equal steps.
     """
 
@@ -283,108 +330,3 @@ class BucketBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter(self.epoch_order()[self.start:])
-
-
-# ----------------------------------------------------------------------------- download
-MIRROR = "https://www.openslr.org/resources/12"
-# The MD5 sums OpenSLR publishes for its LibriSpeech archives (openslr.org/12).
-PUBLISHED_MD5 = {
-    "dev-clean": "42e2234ba48799c1f50f24a7926300a1", "dev-other": "c8d0bcc9cca99d4f8b62fcc847357931",
-    "test-clean": "32fa31d27d2e1cad72775fee3f4849a9", "test-other": "fb5a50374b501bb3bac4815ee91d3135",
-    "train-clean-100": "2a93770f6d5c6c964bc36631d331a522",
-    "train-clean-360": "c0e676e450a7ff2f54aeade5171606fa",
-    "train-other-500": "d1a0fd59409feb2c614ce4d30c387708",
-}
-
-
-def fetch(url, target):
-    """Download url into target, continuing a partial target with an HTTP Range request."""
-    have = target.stat().st_size if target.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code != 416:  # 416: nothing left to fetch, the file is complete
-            raise
-        return
-    with response, open(target, "ab" if response.status == 206 else "wb") as f:
-        done = have if response.status == 206 else 0
-        total = done + int(response.headers.get("Content-Length", 0))
-        start, started_at = time.time(), done
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-            done += len(chunk)
-            rate = (done - started_at) / max(time.time() - start, 1e-3)
-            eta = (total - done) / rate if total and rate else 0
-            print(f"\r  {target.name}: {done / 1e6:,.0f}/{total / 1e6:,.0f} MB  {rate / 1e6:.1f} MB/s  "
-                  f"ETA {eta / 60:.0f} min ", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    if total and done < total:
-        raise ConnectionError(f"the connection closed at {done:,} of {total:,} bytes")
-
-
-def md5_of(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download(subsets, root, base_url=MIRROR):
-    """Fetch, verify and extract LibriSpeech subsets into root/LibriSpeech/<subset>."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    if base_url == MIRROR:
-        checksums = PUBLISHED_MD5
-    else:  # another mirror publishes its own md5sum.txt beside the archives, as OpenSLR does
-        lines = urllib.request.urlopen(f"{base_url}/md5sum.txt", timeout=60).read().decode().splitlines()
-        checksums = {name.removesuffix(".tar.gz"): md5 for md5, name in (line.split() for line in lines if line.strip())}
-    for subset in subsets:
-        final = root / "LibriSpeech" / subset
-        if final.is_dir():
-            print(f"{final} is already there; skipping {subset}", file=sys.stderr)
-            continue
-        archive = root / f"{subset}.tar.gz.part"
-        print(f"downloading {base_url}/{subset}.tar.gz", file=sys.stderr)
-        try:
-            fetch(f"{base_url}/{subset}.tar.gz", archive)
-        except (OSError, urllib.error.URLError) as e:
-            sys.exit(f"error: downloading {subset}: {e}. Run the same command again: it continues "
-                     f"from the {archive.stat().st_size if archive.exists() else 0:,} bytes in {archive}.")
-        actual = md5_of(archive)
-        if actual != checksums.get(subset):
-            archive.unlink()
-            sys.exit(f"error: {subset}.tar.gz from {base_url} has MD5 {actual}, expected "
-                     f"{checksums.get(subset)}; the bad file was removed and nothing was extracted. "
-                     f"Run the command again, or pick another mirror with --base-url.")
-        # Extract beside the target and move in at the end, so a half-extracted subset never
-        # looks complete to the next run.
-        staging = root / f".extracting-{subset}"
-        shutil.rmtree(staging, ignore_errors=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter="data")
-        if not (staging / "LibriSpeech" / subset).is_dir():
-            sys.exit(f"error: {archive} does not hold LibriSpeech/{subset}/; nothing was moved into {root}")
-        final.parent.mkdir(exist_ok=True)
-        for item in (staging / "LibriSpeech").iterdir():  # the subset and README/SPEAKERS files
-            if not (final.parent / item.name).exists():
-                item.rename(final.parent / item.name)
-        shutil.rmtree(staging)
-        archive.unlink()
-        print(f"{final}: ready", file=sys.stderr)
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Get LibriSpeech: download, verify, extract.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    get = commands.add_parser("download", help="fetch subsets into ROOT/LibriSpeech/<subset>")
-    get.add_argument("subsets", nargs="+", choices=sorted(PUBLISHED_MD5))
-    get.add_argument("--root", default=".", help="folder that will hold LibriSpeech/")
-    get.add_argument("--base-url", default=MIRROR, help="mirror holding <subset>.tar.gz (and md5sum.txt)")
-    args = parser.parse_args()
-    download(args.subsets, args.root, args.base_url.rstrip("/"))
-
-
-if __name__ == "__main__":
-    main()

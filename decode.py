@@ -6,8 +6,8 @@
 
 Inputs are audio files (FLAC or WAV, any rate, mono or stereo), LibriSpeech-layout
 directories, directories of audio files and TSV manifests (audio path<TAB>transcript).
-Recordings longer than --window-seconds are cut at their quietest point near each window
-edge, decoded window by window, and the text joined in order.
+Recordings longer than --chunk-seconds are cut at their quietest point near each chunk's
+end, decoded chunk by chunk, and the text joined in order.
 """
 import argparse
 import sys
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 import data
-from model import HOP, SAMPLE_RATE, build_from_checkpoint
+from model import HOP, SAMPLE_RATE, build_from_checkpoint, lengths_mask
 
-SEARCH_SECONDS = 2.0  # how far back from a window's edge to look for a pause to cut at
+SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
 
 
 def greedy_decode(log_probs, out_lengths):
@@ -28,8 +28,7 @@ def greedy_decode(log_probs, out_lengths):
     best = log_probs.argmax(-1).cpu()                       # (B, T)
     new_symbol = torch.ones_like(best, dtype=torch.bool)
     new_symbol[:, 1:] = best[:, 1:] != best[:, :-1]
-    inside = torch.arange(best.shape[1])[None, :] < out_lengths.cpu()[:, None]
-    keep = new_symbol & inside & (best != data.BLANK)
+    keep = new_symbol & lengths_mask(out_lengths.cpu(), best.shape[1]) & (best != data.BLANK)
     # Spaces are symbols too: squeeze the doubled or leading ones a best path can hold.
     return [" ".join(data.decode_ids(row[k].tolist()).split()) for row, k in zip(best, keep)]
 
@@ -58,15 +57,15 @@ def error_rates(refs, hyps):
     return 100.0 * word_edits / max(words, 1), 100.0 * char_edits / max(chars, 1)
 
 
-def split_windows(wave, window_seconds):
-    """Cut a long waveform into pieces of at most window_seconds, each cut placed at the
-    quietest 10 ms in the last SEARCH_SECONDS before the window's edge."""
-    window, search = int(window_seconds * SAMPLE_RATE), int(SEARCH_SECONDS * SAMPLE_RATE)
+def split_chunks(wave, chunk_seconds):
+    """Cut a long waveform into pieces of at most chunk_seconds, each cut placed at the
+    quietest 10 ms in the last SEARCH_SECONDS before the chunk's end."""
+    chunk, search = int(chunk_seconds * SAMPLE_RATE), int(SEARCH_SECONDS * SAMPLE_RATE)
     pieces, start = [], 0
-    while len(wave) - start > window:
-        tail = wave[start + window - search:start + window]
+    while len(wave) - start > chunk:
+        tail = wave[start + chunk - search:start + chunk]
         energy = tail[: len(tail) // HOP * HOP].reshape(-1, HOP).pow(2).sum(1)   # per 10 ms
-        cut = start + window - search + int(energy.argmin()) * HOP
+        cut = start + chunk - search + int(energy.argmin()) * HOP
         pieces.append(wave[start:cut])
         start = cut
     pieces.append(wave[start:])
@@ -98,9 +97,9 @@ def resolve_inputs(paths):
 
 
 @torch.no_grad()
-def transcribe(model, waves, device, batch_seconds, window_seconds):
+def transcribe(model, waves, device, batch_seconds, chunk_seconds):
     """Transcripts for a list of 1-D waveforms, batched by length."""
-    pieces = [(i, piece) for i, wave in enumerate(waves) for piece in split_windows(wave, window_seconds)]
+    pieces = [(i, piece) for i, wave in enumerate(waves) for piece in split_chunks(wave, chunk_seconds)]
     seconds = [len(p) / SAMPLE_RATE for _, p in pieces]
     texts = [[] for _ in range(len(pieces))]
     for batch in data.BucketBatches(seconds, batch_seconds, shuffle=False):
@@ -119,36 +118,41 @@ def transcribe(model, waves, device, batch_seconds, window_seconds):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="best.pt or last.pt written by train.py")
     parser.add_argument("inputs", nargs="+", help="audio files, directories or TSV manifests")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
-    parser.add_argument("--window-seconds", type=float, default=30.0, help="longer audio is decoded in windows")
+    parser.add_argument("--chunk-seconds", type=float, default=30.0,
+                        help="longer audio is decoded in chunks cut at pauses")
     args = parser.parse_args()
-    if args.window_seconds <= SEARCH_SECONDS:
-        parser.error(f"--window-seconds must be more than {SEARCH_SECONDS}")
+    if args.chunk_seconds <= SEARCH_SECONDS:
+        parser.error(f"--chunk-seconds must be more than {SEARCH_SECONDS}")
+    if not args.batch_seconds > 0:
+        parser.error("--batch-seconds must be more than 0")
 
     device = torch.device(args.device)
     try:
         model, _ = build_from_checkpoint(args.checkpoint)
-    except (OSError, RuntimeError, KeyError, TypeError) as e:
-        sys.exit(f"error: cannot load checkpoint {args.checkpoint}: {e}")
+    except Exception as e:  # a missing, truncated or foreign file fails in many ways
+        sys.exit(f"error: {args.checkpoint} is not a readable checkpoint written by train.py "
+                 f"({type(e).__name__}: {e})")
     model.to(device).eval()
 
     utterances = resolve_inputs(args.inputs)
     ids, waves, refs = [], [], []
     for utt_id, path, ref in utterances:
-        try:
-            waves.append(data.load_audio(path))
-        except (RuntimeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
-            print(f"error: {path}: cannot read audio: {e}", file=sys.stderr)
+        wave, problem = data.load_usable_audio(path)
+        if problem:
+            print(f"error: {path}: {problem}; skipped", file=sys.stderr)
             continue
+        waves.append(wave)
         ids.append(utt_id)
         refs.append(ref)
     if not waves:
         sys.exit("error: nothing was decoded")
-    hyps = transcribe(model, waves, device, args.batch_seconds, args.window_seconds)
+    hyps = transcribe(model, waves, device, args.batch_seconds, args.chunk_seconds)
 
     if len(args.inputs) == 1 and len(hyps) == 1 and Path(args.inputs[0]).is_file() and refs[0] is None:
         print(hyps[0])
@@ -160,7 +164,7 @@ def main():
         wer, cer = error_rates(*zip(*scored))
         print(f"WER {wer:.2f}%  CER {cer:.2f}%  ({len(scored)} utterances with references)", file=sys.stderr)
     if len(waves) < len(utterances):
-        print(f"warning: {len(utterances) - len(waves)} of {len(utterances)} inputs could not be read",
+        print(f"warning: {len(utterances) - len(waves)} of {len(utterances)} inputs could not be decoded",
               file=sys.stderr)
 
 

@@ -182,7 +182,8 @@ class CTCModel(nn.Module):
             if self.config.freq_warp:
                 # One factor at each of WARP_KNOTS points along the mel axis, linear between: voices
                 # differ in how they scale each formant, not only in one vocal tract length.
-                knots = 1 + self.config.freq_warp * (2 * torch.rand(len(x), 1, WARP_KNOTS, device=x.device) - 1)
+                uniform = 2 * torch.rand(len(x), 1, WARP_KNOTS, device=x.device) - 1
+                knots = 1 + self.config.freq_warp * uniform
                 factor = F.interpolate(knots, size=x.shape[2], mode="linear", align_corners=True)[:, 0]
                 x = self.warp_frequencies(x, factor)
             x = self.spec_augment(x, lengths)

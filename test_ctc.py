@@ -2,11 +2,18 @@
 
     pytest test_ctc.py
 """
+import argparse
+import fcntl
+import hashlib
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +23,7 @@ import torch
 
 import data
 import decode
+import download
 import train
 from model import TIME_STRIDES, CTCModel, ModelConfig, build_from_checkpoint, model_checkpoint
 
@@ -62,6 +70,95 @@ def run_script(*args, timeout=300, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, *map(str, args)], cwd=HERE, capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
+
+
+def make_corpus(root, n_train, n_dev, seed=0):
+    rng = np.random.default_rng(seed)
+    write_librispeech(root / "train", [random_text(rng) for _ in range(n_train)], speaker=1)
+    write_librispeech(root / "dev", [random_text(rng) for _ in range(n_dev)], speaker=2)
+    return root / "train", root / "dev"
+
+
+def train_flags(train_dir, dev_dir, run_dir, *extra):
+    return ["--data", str(train_dir), "--dev", str(dev_dir), "--run-dir", str(run_dir), *TINY,
+            "--batch-seconds", "6", "--warmup-steps", "3", *map(str, extra)]
+
+
+def independent_distance(a, b):
+    """Plain dynamic-programming Levenshtein, written separately from decode.edit_distance."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def train_one_rank(rank, flags, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), XDG_CACHE_HOME=str(out_dir / f"cache{rank}"))
+    model = train.main(flags)
+    torch.save(model.state_dict(), out_dir / f"rank{rank}.weights")
+
+
+class ArchiveServer:
+    """HTTP on 127.0.0.1 serving fixed files, honouring Range, and able to cut a response short."""
+
+    def __init__(self, files):
+        server = self
+        self.files, self.cut_after, self.ranges = files, None, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                if name not in server.files:
+                    return self.send_error(404)
+                body = server.files[name]
+                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers["Range"] else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if name.endswith(".tar.gz"):
+                    server.ranges.append(start)
+                    body, server.cut_after = body[:server.cut_after], None
+                self.wfile.write(body[start:])
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/resources/12"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+AN4_FAKE = {  # (AN4 file id, transcription line) in the archive's two formats, and seconds of audio
+    "train": [("an4_clstk/fash/an251-fash-b", "<s> YES </s> (an251-fash-b)", 0.9),
+              ("an4_clstk/fash/cen1-fash-b", "<s> P I T T S B U R G H </s> (cen1-fash-b)", 2.5),
+              ("an4_clstk/mblb/an11-mblb-b", "<s> ENTER SIX TWO </s> (an11-mblb-b)", 1.6),
+              (f"an4_clstk/{download.AN4_DEV_SPEAKERS[0]}/an7-{download.AN4_DEV_SPEAKERS[0]}-b",
+               f"<s> RUBOUT </s> (an7-{download.AN4_DEV_SPEAKERS[0]}-b)", 1.2)],
+    "test": [("an4test_clstk/fcaw/an406-fcaw-b", "RUBOUT G M E F THREE NINE (an406-fcaw-b)", 3.1),
+             ("an4test_clstk/mjwl/cen4-mjwl-b", "FIFTY (cen4-mjwl-b)", 0.8)],
+}
+
+
+def an4_archive(tmp_path):
+    """A tar.gz in the layout of CMU's an4_raw.bigendian.tar.gz, holding AN4_FAKE; and each
+    utterance's 16-bit samples."""
+    source, samples = tmp_path / "an4src", {}
+    for part, utterances in AN4_FAKE.items():
+        (source / "an4/etc").mkdir(parents=True, exist_ok=True)
+        (source / f"an4/etc/an4_{part}.fileids").write_text("".join(f"{f}\n" for f, _, _ in utterances))
+        (source / f"an4/etc/an4_{part}.transcription").write_text("".join(f"{t}\n" for _, t, _ in utterances))
+        for fileid, _, seconds in utterances:
+            pcm = (tones("abcdefghij" * 3, 16000)[:int(seconds * 16000)] * 32767).astype(">i2")
+            (source / f"an4/wav/{fileid}.raw").parent.mkdir(parents=True, exist_ok=True)
+            (source / f"an4/wav/{fileid}.raw").write_bytes(pcm.tobytes())  # headerless, big-endian
+            samples[fileid.rsplit("/", 1)[-1]] = pcm.astype(np.int16)
+    with tarfile.open(tmp_path / "an4.tar.gz", "w:gz") as tar:
+        tar.add(source / "an4", arcname="an4")
+    return (tmp_path / "an4.tar.gz").read_bytes(), samples
 
 
 # ---------------------------------------------------------------------- text and scoring
@@ -130,7 +227,8 @@ def test_output_lengths_match_real_tensor_shapes(stride):
     model = CTCModel(ModelConfig(time_stride=stride, rnn_layers=1, rnn_hidden=8, conv_channels=2)).eval()
     for samples in [400, 401, 559, 560, 561, 719, 1234, 1600, 3999, 16000, 16161, 23457]:
         log_probs, out_lengths = model(torch.randn(1, samples), torch.tensor([samples]))
-        assert log_probs.shape[1] == out_lengths[0] == model.output_lengths(torch.tensor([samples]))[0], samples
+        from_arithmetic = model.output_lengths(torch.tensor([samples]))[0]
+        assert log_probs.shape[1] == out_lengths[0] == from_arithmetic, samples
 
 
 def test_an_utterance_gets_the_same_log_probs_alone_and_in_a_padded_batch():
@@ -188,25 +286,15 @@ def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------- training
-def make_corpus(root, n_train, n_dev, seed=0):
-    rng = np.random.default_rng(seed)
-    write_librispeech(root / "train", [random_text(rng) for _ in range(n_train)], speaker=1)
-    write_librispeech(root / "dev", [random_text(rng) for _ in range(n_dev)], speaker=2)
-    return root / "train", root / "dev"
-
-
-def train_flags(train_dir, dev_dir, run_dir, *extra):
-    return ["--data", str(train_dir), "--dev", str(dev_dir), "--run-dir", str(run_dir), *TINY,
-            "--batch-seconds", "6", "--warmup-steps", "3", *map(str, extra)]
-
-
 def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_path, monkeypatch):
     train_dir, dev_dir = make_corpus(tmp_path, 40, 6)
-    flags = ["--epochs", "2", "--eval-every", "4", "--freq-warp", "0.1", "--freq-masks", "1", "--time-masks", "1",
+    flags = ["--epochs", "2", "--eval-every", "4", "--freq-warp", "0.1", "--freq-masks", "1",
+             "--time-masks", "1",
              "--rnn-layers", "2"]
     trace = []  # (lr, utterance ids) per step
     real_lr, real_collate = train.learning_rate, data.collate
-    monkeypatch.setattr(data, "collate", lambda items: trace.append([it[3] for it in items]) or real_collate(items))
+    monkeypatch.setattr(data, "collate",
+                        lambda items: trace.append([it[3] for it in items]) or real_collate(items))
 
     def lr_then_maybe_interrupt(step, total, args):
         if interrupt_at == step:
@@ -243,7 +331,8 @@ def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "dev WER" in result.stdout and "blank" in result.stdout
     metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert any({"loss", "lr", "grad_norm", "x_realtime", "blank_share", "data_wait"} <= m.keys() for m in metrics)
+    logged = {"loss", "lr", "grad_norm", "x_realtime", "blank_share", "data_wait"}
+    assert any(logged <= m.keys() for m in metrics)
     assert any("dev_cer" in m for m in metrics)
     checkpoint = torch.load(tmp_path / "run/best.pt", weights_only=True)
     assert checkpoint["train_config"]["rnn_hidden"] == 32 and checkpoint["vocab"] == data.VOCAB
@@ -256,17 +345,6 @@ def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):
     lines = [line.split("\t") for line in many.stdout.splitlines()]
     assert [utt for utt, _ in lines] == [f"2-198-{i:04d}" for i in range(5)]
     assert "WER" in many.stderr and "CER" in many.stderr
-
-
-def independent_distance(a, b):
-    """Plain dynamic-programming Levenshtein, written separately from decode.edit_distance."""
-    previous = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        current = [i]
-        for j, y in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
-        previous = current
-    return previous[-1]
 
 
 def test_decode_scores_equal_an_independent_scorer():
@@ -292,15 +370,16 @@ def test_a_small_model_learns_to_read_tone_bursts(tmp_path, precision):
     write_librispeech(test_dir, test_texts, speaker=3)
     train.main(["--data", str(train_dir), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"),
                 "--rnn-layers", "2", "--rnn-hidden", "64", "--conv-channels", "8", "--workers", "0",
-                "--freq-warp", "0", "--freq-masks", "0", "--time-masks", "0", "--batch-seconds", "8", "--epochs", "4",
+                "--freq-warp", "0", "--freq-masks", "0", "--time-masks", "0", "--batch-seconds", "8",
+                "--epochs", "4",
                 "--lr", "3e-3", "--warmup-steps", "30", "--eval-every", "50", "--log-every", "50", precision])
     model, _ = build_from_checkpoint(tmp_path / "run/best.pt")
     waves = [data.load_audio(p) for p in sorted(test_dir.rglob("*.flac"))]
     hyps = decode.transcribe(model.eval(), waves, torch.device("cpu"), 60, 30)
     assert decode.error_rates(test_texts, hyps)[1] < 10.0, list(zip(test_texts, hyps))[:5]
-    # A recording longer than the window is cut in pauses, decoded piece by piece, joined in order.
+    # A recording longer than a chunk is cut in pauses, decoded piece by piece, joined in order.
     long_wave = torch.cat(waves[:12])
-    joined = decode.transcribe(model, [long_wave], torch.device("cpu"), 60, window_seconds=3.0)[0]
+    joined = decode.transcribe(model, [long_wave], torch.device("cpu"), 60, chunk_seconds=3.0)[0]
     assert decode.error_rates(["".join(test_texts[:12])], [joined.replace(" ", "")])[1] < 10.0
 
 
@@ -350,6 +429,156 @@ def test_bad_files_are_skipped_counted_and_named_and_training_goes_on(tmp_path, 
     # Broken or silent bodies are only found when read: named once per read, training goes on.
     assert "5-50-0001.flac" in out.err and "silent audio" in out.err and "5-50-0004.flac" in out.err
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_run_folder_that_holds_a_run_is_refused_and_a_live_run_locks_its_folder(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
+    flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100")
+    train.main(flags)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.suffix != ".lock"}
+    with pytest.raises(SystemExit) as again:  # say, --resume forgotten: the run is kept, not replaced
+        train.main(flags)
+    assert "already holds a run" in str(again.value)
+    assert f"--resume {tmp_path / 'run/last.pt'}" in str(again.value)
+    assert {p: p.read_bytes() for p in before} == before
+    # A folder locked by a live process is refused, naming it; once that process is gone (even by
+    # kill -9, which releases the lock), the same folder can be used.
+    (tmp_path / "live").mkdir()
+    with open(tmp_path / "live/train.lock", "w") as held:
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as busy:
+            train.main(train_flags(train_dir, dev_dir, tmp_path / "live", "--epochs", "1"))
+        assert "in use by another training process (pid 4242 on elsewhere" in str(busy.value)
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "live", "--epochs", "1", "--eval-every", "100"))
+    assert (tmp_path / "live/last.pt").exists()
+    # Default names never collide, even for runs started in the same second.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.time, "strftime", lambda fmt: "runs/20260101-000000")
+    names = []
+    for _ in range(3):
+        args = argparse.Namespace(run_dir=None)
+        train.claim_run_dir(args, None).close()
+        names.append(args.run_dir)
+    assert names == ["runs/20260101-000000", "runs/20260101-000000-2", "runs/20260101-000000-3"]
+
+
+def test_flags_are_checked_before_any_work_and_resume_refuses_what_was_typed(tmp_path, capsys):
+    nowhere = ["--data", str(tmp_path / "nowhere"), "--dev", str(tmp_path / "nowhere")]
+    for flag, value in [("--eval-every", "0"), ("--log-every", "0"), ("--save-every", "0"), ("--lr", "-1"),
+                        ("--lr", "0"), ("--epochs", "0"), ("--workers", "-1"), ("--batch-seconds", "0"),
+                        ("--dropout", "1"), ("--lr", "nan")]:
+        with pytest.raises(SystemExit):
+            train.main([*nowhere, flag, value])
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err and value in err and "nowhere" not in err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as unwritable:  # found before the data scan, which would fail
+        train.main([*nowhere, "--run-dir", str(tmp_path / "file/run")])
+    assert "cannot write there" in str(unwritable.value)
+    # --resume refuses a typed flag even when its value is the parser's default.
+    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--lr", "3e-3",
+                           "--eval-every", "100"))
+    for flag, default in [("--epochs", "40"), ("--lr", "1.5e-3")]:
+        with pytest.raises(SystemExit) as refused:
+            train.main(["--resume", str(tmp_path / "run/last.pt"), flag, default])
+        assert f"{flag} cannot change" in str(refused.value)
+
+
+def test_a_batch_of_only_unusable_files_is_a_counted_skipped_step(tmp_path, capsys):
+    train_dir, dev_dir = make_corpus(tmp_path, 20, 3)
+    folder = train_dir / "6" / "60"
+    folder.mkdir(parents=True)
+    for i in range(10):  # the ten longest files, so they sort into one batch of their own
+        soundfile.write(folder / f"6-60-{i:04d}.flac", np.zeros(10 * 16000, np.float32), 16000)
+    (folder / "6-60.trans.txt").write_text("".join(f"6-60-{i:04d} ABC\n" for i in range(10)))
+    soundfile.write(dev_dir / "2/198/2-198-0099.flac", tones("a")[:300], 16000)  # under 25 ms
+    with open(dev_dir / "2/198/2-198.trans.txt", "a") as f:
+        f.write("2-198-0099 A\n")
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--batch-seconds", "100",
+                           "--eval-every", "1", "--log-every", "1"))
+    out = capsys.readouterr().out
+    assert "shorter than one analysis window (25 ms): 1" in out and "2-198-0099.flac" in out
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped_steps", 0) for r in records) == 2  # once per epoch
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 2
+    assert data.collate([None, None]) is None
+
+
+def test_unusable_audio_says_why_and_decode_skips_too_short_clips(tmp_path):
+    soundfile.write(tmp_path / "nan.wav", np.full(8000, np.nan, np.float32), 16000, subtype="FLOAT")
+    soundfile.write(tmp_path / "silent.wav", np.zeros(8000, np.float32), 16000)
+    soundfile.write(tmp_path / "short.flac", tones("a")[:160], 16000)  # 10 ms
+    problems = {name: data.load_usable_audio(tmp_path / name)[1]
+                for name in ["nan.wav", "silent.wav", "short.flac"]}
+    assert problems == {"nan.wav": "NaN or infinite samples", "silent.wav": "silent audio",
+                        "short.flac": data.TOO_SHORT}
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
+    train.save_atomically(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    short = run_script("decode.py", tmp_path / "m.pt", tmp_path / "short.flac")
+    assert short.returncode != 0 and "Traceback" not in short.stderr
+    assert "short.flac" in short.stderr and "shorter than one analysis window" in short.stderr
+    not_a_checkpoint = run_script("decode.py", tmp_path / "short.flac", tmp_path / "short.flac")
+    assert not_a_checkpoint.returncode != 0 and "Traceback" not in not_a_checkpoint.stderr
+    assert "is not a readable checkpoint" in not_a_checkpoint.stderr
+
+
+def test_text_files_linked_folders_and_unreadable_folders(tmp_path, monkeypatch):
+    write_librispeech(tmp_path / "real/7", ["abc", "de"], speaker=7)
+    write_librispeech(tmp_path / "real/8", ["fg"], speaker=8)
+    (tmp_path / "corpus/9").mkdir(parents=True)
+    (tmp_path / "corpus/7").symlink_to(tmp_path / "real/7/7")      # linked speaker folders are read
+    (tmp_path / "corpus/8").symlink_to(tmp_path / "real/8/8")
+    (tmp_path / "real/7/7/198/loop").symlink_to(tmp_path / "corpus")  # and a loop is not followed
+    real_scandir, log = os.scandir, []
+
+    def scandir(path="."):
+        if str(path).endswith("/9"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    corpus = data.read_corpus([tmp_path / "corpus"], log=log.append)
+    assert sorted(u["text"] for u in corpus) == ["abc", "de", "fg"]
+    assert any("folder not readable: 1" in m and str(tmp_path / "corpus/9") in m for m in log)
+    # Manifests: a byte-order mark is ignored; text that is not UTF-8 names its file and line.
+    soundfile.write(tmp_path / "a.wav", tones("abc"), 16000)
+    (tmp_path / "bom.tsv").write_text("\ufeffa.wav\tABC\n", encoding="utf-8")
+    assert [u["text"] for u in data.read_corpus([tmp_path / "bom.tsv"], log=lambda m: None)] == ["abc"]
+    (tmp_path / "latin1.tsv").write_bytes("a.wav\tABC\na.wav\tCAF\u00c9\n".encode("latin-1"))
+    (tmp_path / "binary.tsv").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    for path, line in [(tmp_path / "latin1.tsv", 2), (tmp_path / "binary.tsv", 1)]:
+        with pytest.raises(data.DataError) as error:
+            data.read_corpus([path], log=lambda m: None)
+        assert f"{path}:{line}: not UTF-8" in str(error.value)
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)]
+    (run / "metrics.jsonl").write_text("".join(lines)
+                                       + '{"step": 9, "lo')  # cut short by a kill -9
+    train.claim_run_dir(argparse.Namespace(run_dir=str(run)), 5).close()
+    kept = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [1, 2, 3, 4, 5]
+
+
+def test_a_stop_on_an_evaluation_step_still_evaluates(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 30, 3)
+    real_lr = train.learning_rate
+
+    def interrupt_during_step_3(step, total, args):
+        if step == 2:  # the third step, which ends in an evaluation (--eval-every 3)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(step, total, args)
+    monkeypatch.setattr(train, "learning_rate", interrupt_during_step_3)
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "5", "--eval-every", "3"))
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "dev_cer" in r] == [3]
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 3
+    assert (tmp_path / "run/best.pt").exists()
 
 
 def test_non_finite_steps_are_skipped_and_a_diverged_run_stops_with_advice(tmp_path, monkeypatch, capsys):
@@ -461,10 +690,11 @@ def test_decode_reports_each_bad_input_and_fails_only_if_nothing_decoded(tmp_pat
     assert result.returncode == 0 and result.stdout.startswith("good\t")
 
 
-def test_a_ten_minute_recording_is_decoded_in_windows_cut_at_pauses():
-    minutes = torch.from_numpy(np.concatenate([tones(random_text(np.random.default_rng(i))) for i in range(800)]))
+def test_a_ten_minute_recording_is_decoded_in_chunks_cut_at_pauses():
+    bursts = [tones(random_text(np.random.default_rng(i))) for i in range(800)]
+    minutes = torch.from_numpy(np.concatenate(bursts))
     assert len(minutes) > 10 * 60 * data.SAMPLE_RATE
-    pieces = decode.split_windows(minutes, 30.0)
+    pieces = decode.split_chunks(minutes, 30.0)
     assert torch.equal(torch.cat(pieces), minutes)
     assert all(len(p) <= 30 * data.SAMPLE_RATE for p in pieces)
     assert all(float(p[-80:].abs().max()) < 0.01 for p in pieces[:-1])  # cut in a gap between bursts
@@ -473,15 +703,7 @@ def test_a_ten_minute_recording_is_decoded_in_windows_cut_at_pauses():
 
 
 # ------------------------------------------------------------------ scale and download
-def train_one_rank(rank, flags, port, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), XDG_CACHE_HOME=str(out_dir / f"cache{rank}"))
-    model = train.main(flags)
-    torch.save(model.state_dict(), out_dir / f"rank{rank}.weights")
-
-
 def test_two_ranks_with_gloo_end_with_identical_weights_and_one_checkpoint(tmp_path):
-    import socket
     train_dir, dev_dir = make_corpus(tmp_path, 30, 3)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -493,7 +715,8 @@ def test_two_ranks_with_gloo_end_with_identical_weights_and_one_checkpoint(tmp_p
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0)
     assert any(not torch.equal(rank0[n], initial[n]) for n in rank0)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    written = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert written == ["best.pt", "last.pt", "metrics.jsonl", "train.lock"]
     # Each rank took its own half of every epoch's batches: the steps are half the batches.
     seconds = [u["seconds"] for u in data.read_corpus([train_dir], log=lambda m: None)]
     sampler = data.BucketBatches(seconds, 6.0, world_size=2)
@@ -513,41 +736,7 @@ def test_batches_are_split_across_ranks_without_duplicates():
     assert all(sum(1 for _ in b) * max(seconds[i] for i in b) <= 60 for b in single if len(b) > 1)
 
 
-class ArchiveServer:
-    """HTTP on 127.0.0.1 serving fixed files, honouring Range, and able to cut a response short."""
-
-    def __init__(self, files):
-        import http.server
-        import threading
-        server = self
-        self.files, self.cut_after, self.ranges = files, None, []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                if name not in server.files:
-                    return self.send_error(404)
-                body = server.files[name]
-                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers["Range"] else 0
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                if name.endswith(".tar.gz"):
-                    server.ranges.append(start)
-                    body, server.cut_after = body[:server.cut_after], None
-                self.wfile.write(body[start:])
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/resources/12"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_path):
-    import hashlib
-    import tarfile
     source = tmp_path / "source"
     write_librispeech(source / "LibriSpeech" / "dev-clean", ["abc", "de"])
     (source / "LibriSpeech" / "README.TXT").write_text("LibriSpeech stand-in\n")
@@ -557,7 +746,7 @@ def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_pa
     server = ArchiveServer({"dev-clean.tar.gz": archive,
                             "md5sum.txt": f"{hashlib.md5(archive).hexdigest()} dev-clean.tar.gz\n".encode()})
     root = tmp_path / "root"
-    command = ["data.py", "download", "dev-clean", "--root", root, "--base-url", server.url]
+    command = ["download.py", "dev-clean", "--root", root, "--base-url", server.url]
 
     server.cut_after = len(archive) // 2
     cut = run_script(*command)
@@ -574,16 +763,76 @@ def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_pa
 
     server.files["md5sum.txt"] = b"0123456789abcdef0123456789abcdef dev-clean.tar.gz\n"
     other = tmp_path / "other"
-    bad = run_script(*command[:3], "--root", other, "--base-url", server.url)
+    bad = run_script(*command[:2], "--root", other, "--base-url", server.url)
     assert bad.returncode != 0 and "MD5" in bad.stderr and "nothing was extracted" in bad.stderr
     assert not (other / "LibriSpeech").exists() and not list(other.iterdir())
+
+
+def test_a_mirror_that_is_unreachable_or_not_a_mirror_is_named_without_a_traceback(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    server = ArchiveServer({"md5sum.txt": b"this is not a checksum list\n"})
+    for url, problem in [(closed, "cannot read"), (server.url, "not a list of 'md5 name' lines")]:
+        result = run_script("download.py", "dev-clean", "--root", tmp_path / "root", "--base-url", url)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert problem in result.stderr and f"{url}/md5sum.txt" in result.stderr
+
+
+def test_download_an4_writes_librispeech_layout_splits_by_speaker_and_resumes(tmp_path, monkeypatch):
+    archive, samples = an4_archive(tmp_path)
+    server = ArchiveServer({download.AN4_ARCHIVE: archive})
+    command = ["an4", "--root", str(tmp_path / "root"), "--base-url", server.url]
+    # The fake is not CMU's AN4 (6 utterances, not 948 + 130): refused, nothing left behind.
+    with pytest.raises(SystemExit) as refused:
+        download.main(command)
+    assert "it is not CMU's AN4" in str(refused.value) and not list((tmp_path / "root").iterdir())
+
+    monkeypatch.setattr(download, "AN4_UTTERANCES", {"train": 4, "test": 2})
+    monkeypatch.setattr(download, "AN4_TEST_WORDS", 8)
+    server.cut_after = len(archive) // 3
+    with pytest.raises(SystemExit) as cut:
+        download.main(command)
+    assert "Run the same command again" in str(cut.value) and not (tmp_path / "root/AN4").exists()
+    download.main(command)
+    assert server.ranges[-2:] == [0, len(archive) // 3]  # the second request continued the first
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["AN4"]
+
+    splits = {split: data.read_corpus([tmp_path / "root/AN4" / split], log=lambda m: None)
+              for split in ("train", "dev", "test")}
+    texts = {u["id"]: u["text"] for corpus in splits.values() for u in corpus}
+    assert texts == {"an251-fash-b": "yes", "cen1-fash-b": "p i t t s b u r g h",
+                     "an11-mblb-b": "enter six two",
+                     f"an7-{download.AN4_DEV_SPEAKERS[0]}-b": "rubout",
+                     "an406-fcaw-b": "rubout g m e f three nine", "cen4-mjwl-b": "fifty"}
+    speakers = {split: {u["id"].split("-")[1] for u in corpus} for split, corpus in splits.items()}
+    assert speakers == {"train": {"fash", "mblb"}, "dev": {download.AN4_DEV_SPEAKERS[0]},
+                        "test": {"fcaw", "mjwl"}}
+    for corpus in splits.values():
+        for u in corpus:  # lossless: the FLAC holds exactly the raw file's samples, at 16 kHz
+            flac, rate = soundfile.read(u["path"], dtype="int16")
+            assert rate == 16000 and np.array_equal(flac, samples[u["id"]])
+            assert u["seconds"] == pytest.approx(len(samples[u["id"]]) / 16000)
+    again = run_script("download.py", *command)
+    assert again.returncode == 0 and "already there" in again.stderr
+
+
+def test_a_truncated_an4_archive_is_removed_and_nothing_is_half_written(tmp_path, monkeypatch):
+    archive, _ = an4_archive(tmp_path)
+    server = ArchiveServer({download.AN4_ARCHIVE: archive[:len(archive) * 2 // 3]})  # complete as HTTP goes
+    monkeypatch.setattr(download, "AN4_UTTERANCES", {"train": 4, "test": 2})
+    with pytest.raises(SystemExit) as failed:
+        download.main(["an4", "--root", str(tmp_path / "root"), "--base-url", server.url])
+    assert "cannot be extracted" in str(failed.value) and "download it anew" in str(failed.value)
+    assert not list((tmp_path / "root").iterdir())
 
 
 # ------------------------------------------------------------------------ health checks
 def test_overfit_trains_and_scores_n_utterances_without_augmentation(tmp_path, capsys):
     train_dir, _ = make_corpus(tmp_path, 30, 1)
     train.main(["--data", str(train_dir), "--overfit", "4", "--run-dir", str(tmp_path / "run"), *TINY,
-                "--freq-warp", "0.1", "--freq-masks", "2", "--batch-seconds", "60", "--epochs", "3", "--eval-every", "1"])
+                "--freq-warp", "0.1", "--freq-masks", "2", "--batch-seconds", "60", "--epochs", "3",
+                "--eval-every", "1"])
     checkpoint = torch.load(tmp_path / "run/last.pt", weights_only=True)
     assert checkpoint["step"] == 3  # 4 utterances: one batch per epoch
     assert checkpoint["model_config"]["freq_masks"] == checkpoint["model_config"]["time_masks"] == 0
@@ -601,3 +850,6 @@ def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():
     stalled = train.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 50.5], 900, args)
     assert "not improved in 3 evaluations" in stalled and "--overfit" in stalled
     assert train.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 49.0], 900, args) is None
+    # A run at (or within a point of) 0% has converged: no stalled-run warning and list of bugs.
+    assert train.diagnose(["the cat"], [90.0, 0.0, 0.0, 0.0, 0.0], 900, args) is None
+    assert train.diagnose(["the cat"], [90.0, 0.8, 0.9, 0.8, 0.8], 900, args) is None

@@ -4,24 +4,23 @@
     python train.py --resume runs/<run>/last.pt             # continue a stopped run exactly
     torchrun --nproc_per_node=4 train.py --data ... --dev ...   # DistributedDataParallel
 
-A CPU-sized run (3.8M parameters, under 20 minutes on 2 cores for 5.4 h of audio; see README):
-    python train.py --data synth/train-clean-100 --dev synth/dev-clean --rnn-layers 3 --rnn-hidden 256 \
-        --time-stride 3 --batch-seconds 100 --epochs 5 --workers 1 --lr 3e-3 --warmup-steps 150 \
-        --freq-warp 0.2 --dropout 0 --freq-masks 0 --time-masks 0 --log-every 25 --eval-every 200
-
-Every --log-every steps a line shows loss, learning rate, gradient norm, x-realtime (audio
-seconds trained per wall second), data wait, ETA and the share of blank frames in the greedy
-output; every --eval-every steps, dev WER/CER. The same numbers go to <run>/metrics.jsonl.
-<run>/last.pt is written every --save-every steps and on Ctrl-C; <run>/best.pt has the best dev WER.
+The README has the CPU recipe (AN4, real speech, about 20 minutes on 2 cores). Every
+--log-every steps a line shows loss, learning rate, gradient norm, x-realtime (audio seconds
+trained per wall second), data wait, ETA and the share of blank frames in the greedy output;
+every --eval-every steps, dev WER/CER. The same numbers go to <run>/metrics.jsonl. <run>/last.pt
+is written every --save-every steps and on Ctrl-C; <run>/best.pt has the best dev WER.
 """
 import argparse
+import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,57 +28,88 @@ import torch.distributed as dist
 
 import data
 import decode
-from model import FRAMES_PER_SECOND, CTCModel, ModelConfig, build_from_checkpoint, lengths_mask, model_checkpoint
+from model import (FRAMES_PER_SECOND, CTCModel, ModelConfig, build_from_checkpoint, lengths_mask,
+                   model_checkpoint)
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
+CONVERGED_CER = 1.0          # a dev CER (%) at or below this is a finished run, not a stuck one
 # Flags that change where and how often, not what, a run computes: --resume may change them.
 RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-steps); features not "
           "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
           "vocabulary without space or apostrophe; too little data for the model. Check with "
           "--overfit 20, and see 'When CTC training goes wrong' in the README.")
 
 
-def get_args(argv=None):
+def in_range(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a number in [low, high), or (low, high) with low_open."""
+    def parse(text):
+        value = kind(text)
+        if not (low < value if low_open else low <= value) or not value < high:  # NaN fails too
+            bounds = f"{'(' if low_open else '['}{low}, {high})"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+    return parse
+
+
+def build_parser():
+    m = ModelConfig()  # the model flags' defaults live in the model's own config
+    count, positive, above_zero = in_range(int, 0), in_range(int, 1), in_range(float, 0, low_open=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", help="training corpora: LibriSpeech-layout directories or TSV manifests")
+    g.add_argument("--data", nargs="+", help="training corpora: LibriSpeech-layout folders or TSV manifests")
     g.add_argument("--dev", nargs="+", help="dev corpora, same forms; scored at every evaluation")
-    g.add_argument("--max-seconds", type=float, default=30.0, help="skip longer training utterances")
-    g.add_argument("--batch-seconds", type=float, default=800.0, help="padded audio seconds per batch")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding audio")
+    g.add_argument("--max-seconds", type=above_zero, default=30.0, help="skip longer training utterances")
+    g.add_argument("--batch-seconds", type=above_zero, default=800.0, help="padded audio seconds per batch")
+    g.add_argument("--workers", type=count, default=4, help="DataLoader processes decoding audio")
     g = p.add_argument_group("model")
-    g.add_argument("--n-mels", type=int, default=80, help="log-mel bins")
-    g.add_argument("--time-stride", type=int, default=2, choices=[1, 2, 3, 4], help="output frames/s = 100 / stride")
-    g.add_argument("--conv-channels", type=int, default=32)
-    g.add_argument("--rnn-layers", type=int, default=5)
-    g.add_argument("--rnn-hidden", type=int, default=512, help="GRU units per direction")
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--freq-warp", type=float, default=0.1, help="VTLP per region: scale each frequency region by 1 +- up to this (0: off)")
-    g.add_argument("--freq-masks", type=int, default=2, help="SpecAugment frequency masks (0: off)")
-    g.add_argument("--time-masks", type=int, default=2, help="SpecAugment time masks (0: off)")
+    g.add_argument("--n-mels", type=in_range(int, 8), default=m.n_mels, help="log-mel bins")
+    g.add_argument("--time-stride", type=int, default=m.time_stride, choices=[1, 2, 3, 4],
+                   help="output frames/s = 100 / stride")
+    g.add_argument("--conv-channels", type=positive, default=m.conv_channels)
+    g.add_argument("--rnn-layers", type=positive, default=m.rnn_layers)
+    g.add_argument("--rnn-hidden", type=positive, default=m.rnn_hidden, help="GRU units per direction")
+    g.add_argument("--dropout", type=in_range(float, 0, 1), default=m.dropout)
+    g.add_argument("--freq-warp", type=in_range(float, 0, 0.5), default=m.freq_warp,
+                   help="frequency warp (VTLP, see model.py): up to +-this per region (0: off)")
+    g.add_argument("--freq-masks", type=count, default=m.freq_masks, help="SpecAugment frequency masks")
+    g.add_argument("--time-masks", type=count, default=m.time_masks, help="SpecAugment time masks")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=40)
-    g.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW)")
-    g.add_argument("--warmup-steps", type=int, default=1000, help="linear warmup, then cosine decay to --lr / 100")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    g.add_argument("--epochs", type=positive, default=40)
+    g.add_argument("--lr", type=above_zero, default=1.5e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--warmup-steps", type=count, default=1000,
+                   help="linear warmup, then cosine decay to --lr / 100")
+    g.add_argument("--weight-decay", type=in_range(float, 0), default=0.01)
+    g.add_argument("--grad-clip", type=above_zero, default=1.0, help="max global gradient norm")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--overfit", type=int, default=0, metavar="N",
+    g.add_argument("--overfit", type=count, default=0, metavar="N",
                    help="health check: train and evaluate on N training utterances, no augmentation "
                         "or dropout; a working pipeline drives their CER near zero")
     g = p.add_argument_group("run")
-    g.add_argument("--run-dir", default=None, help="default: runs/<date>-<time>")
+    g.add_argument("--run-dir", default=None, help="a new folder (default: runs/<date>-<time>)")
     g.add_argument("--resume", default=None, help="a last.pt to continue from (its run and flags)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast; default: on for CUDA and for CPUs with AVX512-BF16 (1.3x faster "
-                        "steps there), off on other CPUs, which only emulate bf16")
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--eval-every", type=int, default=1000)
-    g.add_argument("--save-every", type=int, default=500)
-    return p.parse_args(argv)
+                   help="bf16 autocast; default: on for CUDA and for CPUs with AVX512-BF16, "
+                        "off on other CPUs, which only emulate bf16")
+    g.add_argument("--log-every", type=positive, default=50)
+    g.add_argument("--eval-every", type=positive, default=1000)
+    g.add_argument("--save-every", type=positive, default=500)
+    return p
+
+
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def typed_flags(argv):
+    """{flag: value} for the flags the command line names, even those given their default value."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
 
 
 def as_flag(name):
@@ -113,11 +143,22 @@ def save_atomically(obj, path):
         os.close(dir_fd)
 
 
-def load_resume(path, log):
-    """The checkpoint to resume from, or exit naming the file and what is wrong with it."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
+def model_config(args):
+    """The model the flags describe."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} & vars(args).keys()
+    return ModelConfig(vocab_size=len(data.VOCAB), **{name: getattr(args, name) for name in fields})
+
+
+def resolve_args(argv, log):
+    """The run's flags and, with --resume, its checkpoint: a resumed run keeps the flags it was
+    started with, and a flag typed now that would change them is refused, whatever its value."""
+    args = get_args(argv)
+    if not args.resume:
+        if not args.data or not (args.dev or args.overfit):
+            sys.exit("error: --data and --dev are required (or --resume a run)")
+        return args, None
+    path = Path(args.resume)
+    path = path / "last.pt" if path.is_dir() else path
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         checkpoint["step"], checkpoint["train_config"], checkpoint["optimizer"]  # noqa: B018
@@ -128,16 +169,127 @@ def load_resume(path, log):
     if checkpoint["vocab"] != data.VOCAB:
         sys.exit(f"error: --resume {path}: its vocabulary {''.join(checkpoint['vocab'])!r} differs from "
                  f"this code's {''.join(data.VOCAB)!r}; start a new run or use the matching code")
+    given = {k: v for k, v in typed_flags(argv).items() if k != "resume"}
+    refused = [as_flag(k) for k in given if k not in RESUME_MAY_CHANGE]
+    if refused:  # silently ignoring them would train something other than what was asked
+        sys.exit(f"error: --resume continues {path} with the flags it was started with; {' '.join(refused)} "
+                 f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
+                 f"Drop them, or start a new run with a new --run-dir.")
+    saved_flags = argparse.Namespace(**checkpoint["train_config"])
+    if checkpoint["model_config"] != dataclasses.asdict(model_config(saved_flags)):
+        sys.exit(f"error: --resume {path}: model shape differs from the flags it was saved with")
     log(f"resuming {path} at step {checkpoint['step']}")
-    return path, checkpoint
+    return argparse.Namespace(**{**checkpoint["train_config"], **given, "resume": str(path),
+                                 "run_dir": str(path.parent)}), checkpoint
 
 
-def evaluate(model, loader, device, amp):
-    """Dev WER and CER (corpus level) plus a few reference/hypothesis pairs."""
+def logged_step(line):
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
+
+
+def new_run_dir():
+    """Make runs/<date>-<time>, or -2, -3, ... after it when another run took that name this second."""
+    stem = time.strftime("runs/%Y%m%d-%H%M%S")
+    for name in [stem] + [f"{stem}-{n}" for n in range(2, 1000)]:
+        try:
+            Path(name).mkdir(parents=True)
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "every name is taken", stem)
+
+
+def claim_run_dir(args, resume_step):
+    """Create the run folder (or reopen it, on resume) and lock it for this process. Returns the
+    lock file, held open for the whole run: the kernel releases the lock when the process ends,
+    even by kill -9. A folder that already holds a run is refused unless resumed."""
+    try:
+        args.run_dir = args.run_dir or new_run_dir()
+        run_dir = Path(args.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / "train.lock", "a+")
+    except OSError as e:
+        sys.exit(f"error: --run-dir {e.filename}: cannot write there ({e.strerror}); pick another --run-dir")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        sys.exit(f"error: {run_dir} is in use by another training process ({lock.read().strip()}, "
+                 f"per {run_dir / 'train.lock'}); wait for it to end, or pick another --run-dir")
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume_step is None and held:
+        sys.exit(f"error: {run_dir} already holds a run ({', '.join(held)}). Continue it with "
+                 f"--resume {run_dir / 'last.pt'}, or start a new run with another --run-dir.")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    if resume_step is not None and (run_dir / "metrics.jsonl").exists():
+        # Steps logged after the checkpoint (before a kill -9) will be logged again: drop them.
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        kept = "".join(f"{line}\n" for line in lines if logged_step(line) <= resume_step)
+        (run_dir / "metrics.jsonl.tmp").write_text(kept)
+        os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
+    return lock
+
+
+def setup_device(args):
+    """(device, rank, world size, bf16 autocast on?); under torchrun, joins the process group."""
+    if "RANK" not in os.environ:  # not started by torchrun
+        device, rank, world_size = torch.device(args.device), 0, 1
+    else:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if args.device == "cuda" else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # bf16 autocast: no loss scaling needed, unlike fp16; a CPU without AVX512-BF16 only emulates it.
+    bf16 = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() if args.bf16 is None else args.bf16
+    return device, rank, world_size, bf16
+
+
+def ignore_signals(_):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which saves and exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_data(args, model, rank, world_size, pin_memory, log):
+    """(train loader and its batch sampler, dev loader); exits naming the data if it is unusable."""
+    try:
+        train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
+                                          model.output_lengths, log)
+        train_set = train_set[:args.overfit] if args.overfit else train_set
+        dev_set = train_set if args.overfit else data.read_corpus(args.dev, log)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if not train_set:
+        sys.exit(f"error: no trainable utterances left in {' '.join(args.data)} (see the counts above)")
+    sampler = data.BucketBatches([u["seconds"] for u in train_set], args.batch_seconds, args.seed,
+                                 rank=rank, world_size=world_size)
+    if len(sampler) == 0:
+        sys.exit(f"error: fewer batches than processes; lower --batch-seconds ({args.batch_seconds})")
+    # Own generators: the loaders must not draw from the global RNG, or resume would shift it.
+    common = dict(collate_fn=data.collate, num_workers=args.workers, pin_memory=pin_memory,
+                  worker_init_fn=ignore_signals, persistent_workers=args.workers > 0,
+                  prefetch_factor=4 if args.workers else None)
+    loader = torch.utils.data.DataLoader(data.AudioDataset(train_set), batch_sampler=sampler,
+                                         generator=torch.Generator(), **common)
+    dev_batches = data.BucketBatches([u["seconds"] for u in dev_set], args.batch_seconds, shuffle=False)
+    dev_loader = torch.utils.data.DataLoader(data.AudioDataset(dev_set), batch_sampler=dev_batches,
+                                             generator=torch.Generator(), **common)
+    return loader, sampler, dev_loader
+
+
+def evaluate(model, loader, device, bf16):
+    """Dev WER and CER (corpus level) plus the reference/hypothesis pairs."""
     model.eval()
     refs, hyps = [], []
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        for batch in loader:
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in filter(None, loader):  # None: a batch of only unusable files
             log_probs, out_lengths = model(batch["waves"].to(device), batch["wave_lengths"])
             hyps += decode.greedy_decode(log_probs, out_lengths)
             refs += batch["texts"]
@@ -169,117 +321,107 @@ def diagnose(hyps, cer_history, step, args):
     if 0 < len(symbols) <= 2:
         return f"the output has collapsed to {''.join(sorted(symbols))!r}. {CAUSES}"
     recent, earlier = cer_history[-STALLED_EVALS:], cer_history[:-STALLED_EVALS]
-    if earlier and min(recent) >= min(earlier):
-        return f"dev CER has not improved in {STALLED_EVALS} evaluations (best {min(earlier):.1f}%). {CAUSES}"
+    if earlier and min(recent) >= min(earlier) > CONVERGED_CER:
+        return (f"dev CER has not improved in {STALLED_EVALS} evaluations (best {min(earlier):.1f}%). If the "
+                f"training loss is near 0, the model knows the training set by heart: more data or "
+                f"augmentation (--dropout, --freq-masks, --time-masks) is what helps. Otherwise: {CAUSES}")
     return None
+
+
+class LogInterval:
+    """What the steps since the last log line did. Loss and blank counts are summed on the
+    device and read once per log line, so logging adds no host sync to a step."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, device=device)  # loss, blank frames, real frames
+        self.start, self.audio, self.wait, self.grad_norm = time.time(), 0.0, 0.0, 0.0
+        self.steps, self.trained, self.skipped, self.oom = 0, 0, 0, 0
+
+    def add(self, loss, grad_norm, log_probs, out_lengths):
+        with torch.no_grad():
+            inside = lengths_mask(out_lengths.to(log_probs.device, non_blocking=True), log_probs.shape[1])
+            blanks = ((log_probs.argmax(-1) == data.BLANK) & inside).sum()
+            self.sums += torch.stack([loss.detach(), blanks.float(), inside.sum().float()])
+        self.grad_norm += float(grad_norm)
+        self.trained += 1
+
+    def record(self, epoch, step, lr):
+        loss, blank_frames, frames = self.sums.tolist()
+        elapsed, trained = time.time() - self.start, max(1, self.trained)
+        return {"epoch": epoch, "step": step, "loss": loss / trained, "lr": lr,
+                "grad_norm": self.grad_norm / trained, "x_realtime": self.audio / elapsed,
+                "data_wait": self.wait / elapsed, "blank_share": blank_frames / max(1, frames),
+                "skipped_steps": self.skipped, "oom_batches": self.oom}
+
+
+def on_every_rank(flag, device, distributed):
+    """flag, and under DDP whether it holds on every rank: ranks must take the same path through
+    a step, or the gradient all-reduce hangs."""
+    if not distributed:
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def skip_out_of_memory_batch(batch, optimizer, cuda, args, log):
+    """One outsized batch should not end a long run: free what it took, say what to change."""
+    optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.empty_cache()
+    log(f"warning: out of memory on a batch of {len(batch['ids'])} utterances "
+        f"({batch['waves'].numel() / data.SAMPLE_RATE:.0f} s padded); skipped it. If this "
+        f"repeats, lower --batch-seconds (now {args.batch_seconds}) or --max-seconds")
 
 
 def main(argv=None):
     """Train as the command line says; returns the trained model (on every rank)."""
-    args = get_args(argv)
-    distributed = "RANK" in os.environ  # set by torchrun
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    master = rank == 0
+    master = int(os.environ.get("RANK", 0)) == 0
+    log = (lambda message: print(message, flush=True)) if master else (lambda message: None)
+    args, checkpoint = resolve_args(argv, log)
+    if args.overfit:  # the health check: nothing may stand between the model and its training set
+        args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
+    lock = claim_run_dir(args, checkpoint["step"] if checkpoint else None) if master else None
+    try:
+        return train(args, checkpoint, master, log)
+    finally:
+        if lock:
+            lock.close()  # on an error exit too, so that the folder is free at once
 
-    def log(message):
-        if master:
-            print(message, flush=True)
 
-    checkpoint = None
-    if args.resume:
-        resume_path, checkpoint = load_resume(args.resume, log)
-        defaults = vars(get_args([]))
-        given = {k: v for k, v in vars(args).items() if k != "resume" and v != defaults[k]}
-        fixed = [as_flag(k) for k in given if k not in RESUME_MAY_CHANGE]
-        if fixed:  # silently ignoring them would train something other than what was asked
-            sys.exit(f"error: --resume continues {resume_path} with the flags it was started with; "
-                     f"{' '.join(fixed)} cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} "
-                     f"can). Drop them, or start a new run with a new --run-dir.")
-        args = argparse.Namespace(**{**checkpoint["train_config"], **given, "resume": str(resume_path),
-                                     "run_dir": str(resume_path.parent)})
-    if not args.data or not (args.dev or args.overfit):
-        sys.exit("error: --data and --dev are required (or --resume a run)")
-    if args.overfit:
-        args.freq_masks = args.time_masks = 0
-        args.freq_warp = 0.0
-        args.dropout = 0.0
-    if args.run_dir is None:
-        args.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
-    run_dir = Path(args.run_dir)
-
-    if distributed:
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if args.device == "cuda" else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    else:
-        device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    # bf16 autocast: no loss scaling needed, unlike fp16.
-    amp = args.bf16 if args.bf16 is not None else cuda or torch.cpu._is_avx512_bf16_supported()
-    torch.manual_seed(args.seed)
-
-    config = ModelConfig(len(data.VOCAB), n_mels=args.n_mels, time_stride=args.time_stride, conv_channels=args.conv_channels,
-                         rnn_layers=args.rnn_layers, rnn_hidden=args.rnn_hidden, dropout=args.dropout, freq_warp=args.freq_warp,
-                         freq_masks=args.freq_masks, time_masks=args.time_masks)
-    model = CTCModel(config)
-    if checkpoint is not None:
-        if checkpoint["model_config"] != asdict(config):
-            sys.exit(f"error: --resume {args.resume}: model shape differs from the flags it was saved with")
-        model = build_from_checkpoint(checkpoint)[0]
+def build_model(args, checkpoint, device):
+    """The model and AdamW, new or as the checkpoint left them, and the run's progress so far."""
+    model = CTCModel(model_config(args)) if checkpoint is None else build_from_checkpoint(checkpoint)[0]
     model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    if checkpoint is None:
+        return model, optimizer, (0, 0, 0, math.inf)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng_cpu"])
+    if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+    return model, optimizer, tuple(checkpoint[k] for k in ("step", "epoch", "batch_in_epoch", "best_wer"))
+
+
+def train(args, checkpoint, master, log):
+    """The run after its flags and folder are settled: setup, the loop, the end."""
+    # ---- device, model, optimizer, data
+    device, rank, world_size, bf16 = setup_device(args)
+    distributed, cuda, run_dir = world_size > 1, device.type == "cuda", Path(args.run_dir or ".")
+    torch.manual_seed(args.seed)
+    model, optimizer, (step, epoch, batch_in_epoch, best_wer) = build_model(args, checkpoint, device)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{FRAMES_PER_SECOND / args.time_stride:.0f} output frames/s, "
-        f"device {device}{' bf16' if amp else ''}, world size {world_size}")
-
-    try:
-        train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
-                                          model.output_lengths, log)
-        if args.overfit:
-            train_set = train_set[:args.overfit]
-        dev_set = train_set if args.overfit else data.read_corpus(args.dev, log)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    if not train_set:
-        sys.exit(f"error: no trainable utterances left in {' '.join(args.data)} (see the counts above)")
-    sampler = data.BucketBatches([u["seconds"] for u in train_set], args.batch_seconds, args.seed,
-                                 rank=rank, world_size=world_size)
-    if len(sampler) == 0:
-        sys.exit(f"error: fewer batches than processes; lower --batch-seconds ({args.batch_seconds})")
-
-    def ignore_signals(_):  # Ctrl-C and SIGTERM are for the main process, which saves and exits
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-    # Own generators: the loaders must not draw from the global RNG, or resume would shift it.
-    loader_args = dict(collate_fn=data.collate, num_workers=args.workers, pin_memory=cuda,
-                       worker_init_fn=ignore_signals, persistent_workers=args.workers > 0)
-    if args.workers > 0:
-        loader_args["prefetch_factor"] = 4
-    loader = torch.utils.data.DataLoader(data.AudioDataset(train_set), batch_sampler=sampler,
-                                         generator=torch.Generator(), **loader_args)
-    dev_loader = torch.utils.data.DataLoader(
-        data.AudioDataset(dev_set), batch_sampler=data.BucketBatches(
-            [u["seconds"] for u in dev_set], args.batch_seconds, shuffle=False),
-        generator=torch.Generator(), **loader_args)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=cuda)
-    step, epoch, batch_in_epoch, best_wer = 0, 0, 0, float("inf")
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, epoch, batch_in_epoch = checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]
-        best_wer = checkpoint["best_wer"]
-        torch.set_rng_state(checkpoint["rng_cpu"])
-        if cuda and checkpoint["rng_cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"])
-    total_steps = args.epochs * len(sampler)
+        f"device {device}{' bf16' if bf16 else ''}, world size {world_size}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     ctc_loss = torch.nn.CTCLoss(blank=data.BLANK, zero_infinity=True)
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = open(run_dir / "metrics.jsonl", "a")
-        log(f"run: {run_dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
+    loader, sampler, dev_loader = build_data(args, model, rank, world_size, cuda, log)
+    total_steps = args.epochs * len(sampler)
+    log(f"run: {run_dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
+    metrics = open(run_dir / "metrics.jsonl", "a") if master else None
+    interval, bad_in_a_row, run_start, start_step = LogInterval(device), 0, time.time(), step
+    cer_history, block_norms = [], {}
 
     def save(name):
         save_atomically({
@@ -289,20 +431,26 @@ def main(argv=None):
             "rng_cuda": torch.cuda.get_rng_state() if cuda else None,
         }, run_dir / name)
 
+    def write_metrics(record):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
     def evaluate_and_keep_best(label):
         """Score dev, log it with the health signals, keep best.pt."""
         nonlocal best_wer
-        wer, cer, pairs = evaluate(model, dev_loader, device, amp)
+        started = time.time()
+        wer, cer, pairs = evaluate(model, dev_loader, device, bf16)
         cer_history.append(cer)
-        log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}%  gradient norms {block_norms}")
+        log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({time.time() - started:.1f} s)  "
+            f"gradient norms {block_norms}")
         for ref, hyp in pairs[:3]:
             log(f"  ref: {ref}\n  hyp: {hyp}")
         warning = diagnose([hyp for _, hyp in pairs], cer_history, step, args)
         if warning:
             log(f"warning: {warning}")
-        metrics.write(json.dumps({"epoch": epoch, "step": step, "dev_wer": wer, "dev_cer": cer,
-                                  "grad_norms": block_norms, "warning": warning}) + "\n")
-        metrics.flush()
+        write_metrics({"epoch": epoch, "step": step, "dev_wer": wer, "dev_cer": cer,
+                       "grad_norms": block_norms, "warning": warning, "eval_seconds": time.time() - started,
+                       "wall_seconds": time.time() - run_start})
         if wer < best_wer:
             best_wer = wer
             save("best.pt")
@@ -310,101 +458,75 @@ def main(argv=None):
     stop = []  # the signal received, if any; checked once per step
     previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
-
     log("note: the greedy output is mostly blank at first (the 'blank plateau'); letters follow, then words")
-    totals = torch.zeros(3, device=device)  # loss, blank frames, frames: summed on device, read at log time
-    window = {"audio": 0.0, "wait": 0.0, "steps": 0, "skipped": 0, "oom": 0, "grad_norm": 0.0, "start": time.time()}
-    bad_in_a_row, run_start, start_step = 0, time.time(), step
-    cer_history, block_norms = [], {}
+
+    # ---- the loop: get batch, forward, loss, backward, clip, step, log, evaluate, save
     model.train()
     while epoch < args.epochs and not stop:
         sampler.set_epoch(epoch, batch_in_epoch)
         wait_start = time.time()
         for batch in loader:
-            window["wait"] += time.time() - wait_start
+            interval.wait += time.time() - wait_start
             lr = learning_rate(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            try:
-                waves = batch["waves"].to(device, non_blocking=True)
-                targets = batch["targets"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    log_probs, out_lengths = ddp_model(waves, batch["wave_lengths"])
-                # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
-                loss = ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, batch["target_lengths"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if (step + 1) % args.eval_every == 0:  # this step ends in an evaluation
-                    block_norms = gradient_norms_by_block(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            except torch.OutOfMemoryError:
-                if distributed:  # the other ranks are already waiting in this step's all-reduce
-                    raise
-                # One outsized batch should not end a long run: drop it and go on.
-                waves = targets = log_probs = loss = None
-                optimizer.zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.empty_cache()
-                window["oom"] += 1
-                log(f"warning: out of memory on a batch of {len(batch['ids'])} utterances "
-                    f"({batch['waves'].numel() / data.SAMPLE_RATE:.0f} s padded); skipped it. If this "
-                    f"repeats, lower --batch-seconds (now {args.batch_seconds}) or --max-seconds")
+            if not on_every_rank(batch is not None, device, distributed):  # None: only unusable files
+                interval.skipped += 1
             else:
-                # The one host sync per step: a non-finite step must be known before it is applied.
-                if torch.isfinite(grad_norm).item() and torch.isfinite(loss).item():
-                    optimizer.step()
-                    bad_in_a_row = 0
-                    window["grad_norm"] += float(grad_norm)
-                    with torch.no_grad():
-                        inside = lengths_mask(out_lengths.to(device, non_blocking=True), log_probs.shape[1])
-                        blanks = ((log_probs.argmax(-1) == data.BLANK) & inside).sum()
-                        totals += torch.stack([loss.detach(), blanks.float(), inside.sum().float()])
-                else:
-                    window["skipped"] += 1
-                    bad_in_a_row += 1
-                    if bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
-                        log(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient: the "
-                            f"run has diverged. Lower --lr (now {args.lr}) or raise --warmup-steps, then "
-                            f"--resume {run_dir / 'last.pt'}")
-                        sys.exit(1)
-            step += 1
-            batch_in_epoch += 1
-            window["steps"] += 1
-            window["audio"] += float(batch["wave_lengths"].sum()) / data.SAMPLE_RATE
+                try:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        log_probs, out_lengths = ddp_model(batch["waves"].to(device, non_blocking=True),
+                                                           batch["wave_lengths"])
+                    # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
+                    loss = ctc_loss(log_probs.transpose(0, 1), batch["targets"].to(device, non_blocking=True),
+                                    out_lengths, batch["target_lengths"])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if (step + 1) % args.eval_every == 0:  # this step ends in an evaluation
+                        block_norms = gradient_norms_by_block(model)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                    # The one host sync per step: a non-finite step must be known before it is applied.
+                    finite = torch.isfinite(grad_norm).item() and torch.isfinite(loss).item()
+                    if finite:
+                        optimizer.step()
+                        interval.add(loss, grad_norm, log_probs, out_lengths)
+                    interval.skipped += not finite
+                    bad_in_a_row = 0 if finite else bad_in_a_row + 1
+                except torch.OutOfMemoryError:
+                    if distributed:  # the other ranks are already waiting in this step's all-reduce
+                        raise
+                    skip_out_of_memory_batch(batch, optimizer, cuda, args, log)
+                    interval.oom += 1
+            if bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
+                log(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient: the run has "
+                    f"diverged. Lower --lr (now {args.lr}) or raise --warmup-steps, then --resume "
+                    f"{run_dir / 'last.pt'}")
+                sys.exit(1)
+            step, batch_in_epoch, interval.steps = step + 1, batch_in_epoch + 1, interval.steps + 1
+            interval.audio += float(batch["wave_lengths"].sum()) / data.SAMPLE_RATE if batch else 0.0
 
             if step % args.log_every == 0 and master:
-                loss_sum, blank_frames, frames = totals.tolist()
-                good = max(1, window["steps"] - window["skipped"] - window["oom"])
-                elapsed = time.time() - window["start"]
+                record = {**interval.record(epoch, step, lr), "wall_seconds": time.time() - run_start}
                 eta = (time.time() - run_start) / max(1, step - start_step) * (total_steps - step)
-                record = {"epoch": epoch, "step": step, "loss": loss_sum / good, "lr": lr,
-                          "grad_norm": window["grad_norm"] / good, "x_realtime": window["audio"] / elapsed,
-                          "data_wait": window["wait"] / elapsed, "blank_share": blank_frames / max(1, frames),
-                          "skipped_steps": window["skipped"], "oom_batches": window["oom"]}
                 log(f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.3f} lr {lr:.2e} "
                     f"grad {record['grad_norm']:.2f} {record['x_realtime']:.0f}x realtime "
                     f"data wait {100 * record['data_wait']:.0f}% blank {100 * record['blank_share']:.0f}% "
-                    f"skipped {window['skipped']} ETA {eta / 60:.0f} min")
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                totals.zero_()
-                window.update(audio=0.0, wait=0.0, steps=0, skipped=0, oom=0, grad_norm=0.0, start=time.time())
-
-            if distributed:  # every rank must stop at the same step, or the next all-reduce hangs
-                flag = torch.tensor([float(bool(stop))], device=device)
-                dist.all_reduce(flag)
-                if flag.item() and not stop:
-                    stop.append(signal.SIGTERM)
-            if stop:
-                break
-            if step % args.eval_every == 0 and master:
+                    f"skipped {interval.skipped} ETA {eta / 60:.0f} min")
+                write_metrics(record)
+                interval = LogInterval(device)
+            if not on_every_rank(not stop, device, distributed) and not stop:
+                stop.append(signal.SIGTERM)  # another rank was stopped: all stop at this step
+            if step % args.eval_every == 0 and master:  # also when stopping: best.pt as uninterrupted
                 evaluate_and_keep_best(f"eval step {step}")
             if step % args.save_every == 0 and master:
                 save("last.pt")
+            if stop:
+                break
             wait_start = time.time()
         else:
             epoch, batch_in_epoch = epoch + 1, 0
 
+    # ---- the end
     if master:
         if not stop and step % args.eval_every:  # the last step was not just scored
             evaluate_and_keep_best("final")

@@ -1,0 +1,270 @@
+"""Get corpora: CMU's AN4 (50 minutes of real speech, a first run on a CPU) and LibriSpeech.
+
+    python download.py an4 --root .                                    # -> ./AN4/{train,dev,test}
+    python download.py train-clean-100 dev-clean test-clean --root .   # -> ./LibriSpeech/<subset>
+
+Every archive shows bytes, rate and ETA while it downloads; an interrupted download continues
+where it stopped when the same command is run again. An archive is extracted beside its target
+and moved in only when complete, so a failed download or extraction never leaves a corpus that
+looks ready. Corpora already there are skipped. Only the standard library and soundfile are
+needed, so this runs before anything else is installed.
+"""
+import argparse
+import hashlib
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import soundfile
+
+LIBRISPEECH_MIRROR = "https://www.openslr.org/resources/12"
+# The MD5 sums OpenSLR publishes for its LibriSpeech archives (openslr.org/12).
+PUBLISHED_MD5 = {
+    "dev-clean": "42e2234ba48799c1f50f24a7926300a1", "dev-other": "c8d0bcc9cca99d4f8b62fcc847357931",
+    "test-clean": "32fa31d27d2e1cad72775fee3f4849a9", "test-other": "fb5a50374b501bb3bac4815ee91d3135",
+    "train-clean-100": "2a93770f6d5c6c964bc36631d331a522",
+    "train-clean-360": "c0e676e450a7ff2f54aeade5171606fa",
+    "train-other-500": "d1a0fd59409feb2c614ce4d30c387708",
+}
+
+AN4_MIRROR = "http://www.speech.cs.cmu.edu/databases/an4"
+AN4_ARCHIVE = "an4_raw.bigendian.tar.gz"
+AN4_SAMPLE_RATE = 16000  # the .raw files are headerless 16-bit big-endian mono PCM at 16 kHz
+# CMU publishes no checksum for AN4, so what can be checked is checked instead: the utterance
+# counts, the test set's word count, and that every listed utterance has audio of a sane length.
+AN4_UTTERANCES = {"train": 948, "test": 130}
+AN4_TEST_WORDS = 773
+AN4_SECONDS = (0.2, 20.0)
+# AN4 has no dev set: these 7 of its 74 training speakers (2 of the 21 women, 5 of the 53 men;
+# the first letter is the sex), 91 utterances, are held out as AN4/dev.
+AN4_DEV_SPEAKERS = ("fclc", "ftmj", "mblw", "mdxs", "mjhp", "mmtm", "msct")
+
+
+class DownloadError(Exception):
+    """What went wrong and what to do; the command exits with this message."""
+
+
+def fetch(url, target):
+    """Download url into target, continuing a partial target with an HTTP Range request."""
+    have = target.stat().st_size if target.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416: nothing left to fetch, the file is complete
+            raise
+        return
+    with response, open(target, "ab" if response.status == 206 else "wb") as f:
+        done = have if response.status == 206 else 0
+        total = done + int(response.headers.get("Content-Length", 0))
+        start, started_at = time.time(), done
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            rate = (done - started_at) / max(time.time() - start, 1e-3)
+            eta = (total - done) / rate if total and rate else 0
+            print(f"\r  {target.name}: {done / 1e6:,.0f}/{total / 1e6:,.0f} MB  {rate / 1e6:.1f} MB/s  "
+                  f"ETA {eta / 60:.0f} min ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if total and done < total:
+        raise ConnectionError(f"the connection closed at {done:,} of {total:,} bytes")
+
+
+def fetch_archive(url, archive):
+    """fetch() with the message that tells the user how to continue."""
+    print(f"downloading {url}", file=sys.stderr)
+    try:
+        fetch(url, archive)
+    except (OSError, urllib.error.URLError) as e:
+        have = archive.stat().st_size if archive.exists() else 0
+        raise DownloadError(f"downloading {url}: {e}. Run the same command again: it continues from "
+                            f"the {have:,} bytes in {archive} (or pick another --base-url).") from None
+
+
+def md5_of(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract(archive, staging):
+    """Extract into a fresh staging folder; a damaged archive is deleted, so the next run
+    downloads it again instead of failing the same way."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        archive.unlink()
+        raise DownloadError(f"{archive} cannot be extracted ({e}); it was removed and nothing was "
+                            f"written. Run the command again to download it anew.") from None
+
+
+# ----------------------------------------------------------------------------- LibriSpeech
+def mirror_checksums(base_url):
+    """{subset: md5} from md5sum.txt beside the archives, as OpenSLR publishes it."""
+    url = f"{base_url}/md5sum.txt"
+    try:
+        lines = urllib.request.urlopen(url, timeout=60).read().decode().splitlines()
+        pairs = (line.split() for line in lines if line.strip())
+        return {name.removesuffix(".tar.gz"): md5 for md5, name in pairs}
+    except (OSError, urllib.error.URLError) as e:
+        raise DownloadError(f"cannot read {url} ({e}): --base-url must serve the archives and "
+                            f"md5sum.txt, as {LIBRISPEECH_MIRROR} does") from None
+    except (ValueError, UnicodeDecodeError):
+        raise DownloadError(f"{url} is not a list of 'md5 name' lines: is --base-url "
+                            f"a LibriSpeech mirror?") from None
+
+
+def download_librispeech(subsets, root, base_url):
+    """Fetch, verify and extract LibriSpeech subsets into root/LibriSpeech/<subset>."""
+    checksums = PUBLISHED_MD5 if base_url == LIBRISPEECH_MIRROR else mirror_checksums(base_url)
+    for subset in subsets:
+        final = root / "LibriSpeech" / subset
+        if final.is_dir():
+            print(f"{final} is already there; skipping {subset}", file=sys.stderr)
+            continue
+        archive = root / f"{subset}.tar.gz.part"
+        fetch_archive(f"{base_url}/{subset}.tar.gz", archive)
+        actual = md5_of(archive)
+        if actual != checksums.get(subset):
+            archive.unlink()
+            raise DownloadError(f"{subset}.tar.gz from {base_url} has MD5 {actual}, expected "
+                                f"{checksums.get(subset)}; the bad file was removed and nothing was "
+                                f"extracted. Run the command again, or pick another mirror with --base-url.")
+        staging = root / f".extracting-{subset}"
+        extract(archive, staging)
+        if not (staging / "LibriSpeech" / subset).is_dir():
+            shutil.rmtree(staging)
+            raise DownloadError(f"{archive} does not hold LibriSpeech/{subset}/; nothing was moved "
+                                f"into {root}")
+        final.parent.mkdir(exist_ok=True)
+        for item in (staging / "LibriSpeech").iterdir():  # the subset and README/SPEAKERS files
+            if not (final.parent / item.name).exists():
+                item.rename(final.parent / item.name)
+        shutil.rmtree(staging)
+        archive.unlink()
+        print(f"{final}: ready", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------- AN4
+def read_an4_list(etc, part):
+    """[(speaker, utterance id, transcript)] from an4_<part>.fileids and .transcription, whose
+    lines read 'an4_clstk/fash/an251-fash-b' and '<s> YES </s> (an251-fash-b)'."""
+    try:
+        fileids = (etc / f"an4_{part}.fileids").read_text().split()
+        lines = (etc / f"an4_{part}.transcription").read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DownloadError(f"cannot read AN4's list of {part} utterances: {e}") from None
+    if len(fileids) != len(lines):
+        raise DownloadError(f"{etc}: an4_{part}.fileids lists {len(fileids)} utterances, "
+                            f"an4_{part}.transcription {len(lines)}")
+    listed = []
+    for fileid, line in zip(fileids, lines):
+        words, _, utt_id = line.strip().rstrip(")").rpartition(" (")
+        if utt_id != fileid.rsplit("/", 1)[-1]:
+            raise DownloadError(f"{etc}/an4_{part}.transcription: {line!r} does not match {fileid!r}")
+        speaker = fileid.split("/")[-2]
+        text = " ".join(w for w in words.split() if w not in ("<s>", "</s>"))  # train lines carry these
+        listed.append((fileid, speaker, utt_id, text))
+    return listed
+
+
+def convert_an4(source, target):
+    """AN4's raw PCM and transcripts -> target/{train,dev,test} in LibriSpeech layout."""
+    splits = {}
+    for part in AN4_UTTERANCES:
+        for fileid, speaker, utt_id, text in read_an4_list(source / "etc", part):
+            split = "dev" if part == "train" and speaker in AN4_DEV_SPEAKERS else part
+            splits.setdefault(split, []).append((source / "wav" / f"{fileid}.raw", speaker, utt_id, text))
+    sizes = {split: len(items) for split, items in splits.items()}
+    counts = {"train": sizes.get("train", 0) + sizes.get("dev", 0), "test": sizes.get("test", 0)}
+    test_words = sum(len(text.split()) for *_, text in splits.get("test", []))
+    if counts != AN4_UTTERANCES or test_words != AN4_TEST_WORDS:
+        raise DownloadError(f"the archive lists {counts} utterances and {test_words} test words, but AN4 "
+                            f"has {AN4_UTTERANCES} and {AN4_TEST_WORDS}: it is not CMU's AN4")
+    train, dev, test = ({speaker for _, speaker, _, _ in splits.get(s, [])} for s in ("train", "dev", "test"))
+    shared = (train & test) | (dev & (train | test))
+    if shared:
+        raise DownloadError(f"speakers {sorted(shared)} are in two splits; it is not CMU's AN4")
+    for split, items in splits.items():
+        by_folder = {}
+        for raw, speaker, utt_id, text in items:
+            folder = target / split / speaker / "an4"
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                samples, _ = soundfile.read(raw, samplerate=AN4_SAMPLE_RATE, channels=1, format="RAW",
+                                            subtype="PCM_16", endian="BIG", dtype="int16")
+            except (RuntimeError, OSError) as e:
+                raise DownloadError(f"{raw}: cannot read ({e})") from None
+            if not AN4_SECONDS[0] <= len(samples) / AN4_SAMPLE_RATE <= AN4_SECONDS[1]:
+                raise DownloadError(f"{raw}: {len(samples) / AN4_SAMPLE_RATE:.2f} s of audio, outside "
+                                    f"{AN4_SECONDS[0]}-{AN4_SECONDS[1]} s")
+            soundfile.write(folder / f"{utt_id}.flac", samples, AN4_SAMPLE_RATE, subtype="PCM_16")
+            by_folder.setdefault(folder, []).append(f"{utt_id} {text}\n")
+        for folder, lines in by_folder.items():
+            (folder / f"{folder.parent.name}-an4.trans.txt").write_text("".join(lines))
+    return sizes
+
+
+def download_an4(root, base_url):
+    """Fetch AN4, check it, and write root/AN4/{train,dev,test} as 16 kHz FLAC + .trans.txt."""
+    final = root / "AN4"
+    if final.is_dir():
+        print(f"{final} is already there; skipping an4", file=sys.stderr)
+        return
+    archive = root / f"{AN4_ARCHIVE}.part"
+    fetch_archive(f"{base_url}/{AN4_ARCHIVE}", archive)
+    staging = root / ".extracting-an4"
+    extract(archive, staging)
+    try:
+        if not (staging / "an4" / "etc").is_dir():
+            raise DownloadError(f"{archive} does not hold an4/etc and an4/wav")
+        counts = convert_an4(staging / "an4", staging / "AN4")
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(e, DownloadError):
+            raise
+        archive.unlink()  # it is not AN4: the next run must download anew, not resume it
+        raise DownloadError(f"{e}. {archive} was removed and nothing was written; run the command "
+                            f"again, or try another --base-url.") from None
+    (staging / "AN4").rename(final)
+    shutil.rmtree(staging)
+    archive.unlink()
+    print(f"{final}: ready ({', '.join(f'{split} {n}' for split, n in sorted(counts.items()))} utterances)",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpora", nargs="+", choices=["an4", *sorted(PUBLISHED_MD5)],
+                        help="an4 and/or LibriSpeech subsets")
+    parser.add_argument("--root", default=".", help="folder that will hold AN4/ and LibriSpeech/")
+    parser.add_argument("--base-url", help=f"another location of the archives (default: {AN4_MIRROR} "
+                                           f"for an4, {LIBRISPEECH_MIRROR} for LibriSpeech, whose "
+                                           f"mirrors serve md5sum.txt beside the archives)")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if "an4" in args.corpora:
+            download_an4(root, (args.base_url or AN4_MIRROR).rstrip("/"))
+        subsets = [c for c in args.corpora if c != "an4"]
+        if subsets:
+            download_librispeech(subsets, root, (args.base_url or LIBRISPEECH_MIRROR).rstrip("/"))
+    except DownloadError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # a root that cannot be written, a full disk
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
