@@ -443,7 +443,7 @@ def train(args, checkpoint, master, log):
         cer_history.append(cer)
         log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({time.time() - started:.1f} s)  "
             f"gradient norms {block_norms}")
-        for ref, hyp in pairs[:3]:
+        for ref, hyp in pairs[-3:]:  # the longest: the shortest are often single words
             log(f"  ref: {ref}\n  hyp: {hyp}")
         warning = diagnose([hyp for _, hyp in pairs], cer_history, step, args)
         if warning:
