@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import data
-from model import HOP, SAMPLE_RATE, build_from_checkpoint, lengths_mask
+from model import HOP, SAMPLE_RATE, WINDOW, build_from_checkpoint, lengths_mask
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
 
@@ -99,7 +99,9 @@ def resolve_inputs(paths):
 @torch.no_grad()
 def transcribe(model, waves, device, batch_seconds, chunk_seconds):
     """Transcripts for a list of 1-D waveforms, batched by length."""
-    pieces = [(i, piece) for i, wave in enumerate(waves) for piece in split_chunks(wave, chunk_seconds)]
+    # A piece under one analysis window (a cut just before the end) has no output frames.
+    pieces = [(i, piece) for i, wave in enumerate(waves) for piece in split_chunks(wave, chunk_seconds)
+              if len(piece) >= WINDOW]
     seconds = [len(p) / SAMPLE_RATE for _, p in pieces]
     texts = [[] for _ in range(len(pieces))]
     for batch in data.BucketBatches(seconds, batch_seconds, shuffle=False):

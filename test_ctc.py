@@ -700,6 +700,8 @@ def test_a_ten_minute_recording_is_decoded_in_chunks_cut_at_pauses():
     assert all(float(p[-80:].abs().max()) < 0.01 for p in pieces[:-1])  # cut in a gap between bursts
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2)).eval()
     assert isinstance(decode.transcribe(model, [minutes], torch.device("cpu"), 120, 30.0)[0], str)
+    # A piece under one 25 ms analysis window (say, cut just before the end) is not sent to the STFT.
+    assert decode.transcribe(model, [torch.randn(300)], torch.device("cpu"), 120, 30.0) == [""]
 
 
 # ------------------------------------------------------------------ scale and download
