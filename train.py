@@ -345,13 +345,19 @@ class LogInterval:
         self.grad_norm += float(grad_norm)
         self.trained += 1
 
-    def record(self, epoch, step, lr):
+    def report(self, epoch, step, total_steps, lr, eta_seconds):
+        """(log line, metrics record) for the steps since the last log line."""
         loss, blank_frames, frames = self.sums.tolist()
         elapsed, trained = time.time() - self.start, max(1, self.trained)
-        return {"epoch": epoch, "step": step, "loss": loss / trained, "lr": lr,
-                "grad_norm": self.grad_norm / trained, "x_realtime": self.audio / elapsed,
-                "data_wait": self.wait / elapsed, "blank_share": blank_frames / max(1, frames),
-                "skipped_steps": self.skipped, "oom_batches": self.oom}
+        r = {"epoch": epoch, "step": step, "loss": loss / trained, "lr": lr,
+             "grad_norm": self.grad_norm / trained, "x_realtime": self.audio / elapsed,
+             "data_wait": self.wait / elapsed, "blank_share": blank_frames / max(1, frames),
+             "skipped_steps": self.skipped, "oom_batches": self.oom}
+        line = (f"epoch {epoch} step {step}/{total_steps} loss {r['loss']:.3f} lr {lr:.2e} "
+                f"grad {r['grad_norm']:.2f} {r['x_realtime']:.0f}x realtime data wait "
+                f"{100 * r['data_wait']:.0f}% blank {100 * r['blank_share']:.0f}% skipped {self.skipped} "
+                f"ETA {eta_seconds / 60:.0f} min")
+        return line, r
 
 
 def on_every_rank(flag, device, distributed):
@@ -506,13 +512,10 @@ def train(args, checkpoint, master, log):
             interval.audio += float(batch["wave_lengths"].sum()) / data.SAMPLE_RATE if batch else 0.0
 
             if step % args.log_every == 0 and master:
-                record = {**interval.record(epoch, step, lr), "wall_seconds": time.time() - run_start}
                 eta = (time.time() - run_start) / max(1, step - start_step) * (total_steps - step)
-                log(f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.3f} lr {lr:.2e} "
-                    f"grad {record['grad_norm']:.2f} {record['x_realtime']:.0f}x realtime "
-                    f"data wait {100 * record['data_wait']:.0f}% blank {100 * record['blank_share']:.0f}% "
-                    f"skipped {interval.skipped} ETA {eta / 60:.0f} min")
-                write_metrics(record)
+                line, record = interval.report(epoch, step, total_steps, lr, eta)
+                log(line)
+                write_metrics({**record, "wall_seconds": time.time() - run_start})
                 interval = LogInterval(device)
             if not on_every_rank(not stop, device, distributed) and not stop:
                 stop.append(signal.SIGTERM)  # another rank was stopped: all stop at this step
