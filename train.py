@@ -446,8 +446,9 @@ def train(args, checkpoint, master, log):
         nonlocal best_wer
         started = time.time()
         wer, cer, pairs = evaluate(model, dev_loader, device, bf16)
+        seconds = time.time() - started
         cer_history.append(cer)
-        log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({time.time() - started:.1f} s)  "
+        log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  "
             f"gradient norms {block_norms}")
         for ref, hyp in pairs[-3:]:  # the longest: the shortest are often single words
             log(f"  ref: {ref}\n  hyp: {hyp}")
@@ -455,7 +456,7 @@ def train(args, checkpoint, master, log):
         if warning:
             log(f"warning: {warning}")
         write_metrics({"epoch": epoch, "step": step, "dev_wer": wer, "dev_cer": cer,
-                       "grad_norms": block_norms, "warning": warning, "eval_seconds": time.time() - started,
+                       "grad_norms": block_norms, "warning": warning, "eval_seconds": seconds,
                        "wall_seconds": time.time() - run_start})
         if wer < best_wer:
             best_wer = wer
