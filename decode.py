@@ -1,8 +1,14 @@
-"""Greedy CTC decoding and corpus-level WER/CER.
+"""Greedy or beam-search CTC decoding and corpus-level WER/CER.
 
     python decode.py runs/<run>/best.pt file.flac                  # prints the transcript
     python decode.py runs/<run>/best.pt LibriSpeech/test-clean     # id<TAB>hypothesis lines,
     python decode.py runs/<run>/best.pt a.wav b.flac corpus.tsv    # then WER/CER on stderr
+    python decode.py runs/<run>/best.pt AN4/test --lm AN4/train.3gram.arpa   # beam search + LM
+
+Greedy decoding takes the best symbol of every frame. With --lm or --lexicon, a beam search
+(torchaudio's CTC decoder, flashlight's lexicon beam search with KenLM) keeps the --beam-size
+best partial transcripts, spells only words of the lexicon, and scores each finished word with
+the n-gram LM: score = log p_CTC + --lm-weight * log p_LM + --word-score * words.
 
 Inputs are audio files (FLAC or WAV, any rate, mono or stereo), LibriSpeech-layout
 directories, directories of audio files and TSV manifests (audio path<TAB>transcript).
@@ -10,7 +16,10 @@ Recordings longer than --chunk-seconds are cut at their quietest point near each
 end, decoded chunk by chunk, and the text joined in order.
 """
 import argparse
+import functools
+import gzip
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +29,10 @@ import data
 from model import HOP, SAMPLE_RATE, WINDOW, build_from_checkpoint, lengths_mask
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
+# The decoder's names for our symbols: the blank stays "_", the space is its word boundary "|".
+TOKENS = ["|" if symbol == " " else symbol for symbol in data.VOCAB]
+# Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
+BEAM_DEFAULTS = {"beam_size": 50, "lm_weight": 1.0, "word_score": 1.0}
 
 
 def greedy_decode(log_probs, out_lengths):
@@ -31,6 +44,76 @@ def greedy_decode(log_probs, out_lengths):
     keep = new_symbol & lengths_mask(out_lengths.cpu(), best.shape[1]) & (best != data.BLANK)
     # Spaces are symbols too: squeeze the doubled or leading ones a best path can hold.
     return [" ".join(data.decode_ids(row[k].tolist()).split()) for row, k in zip(best, keep)]
+
+
+def read_lm_words(path):
+    """The words of an ARPA file's unigrams (plain or gzipped), for the default lexicon."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        if f.read(8) == b"mmap lm ":
+            raise ValueError(f"{path} is a KenLM binary, whose words cannot be listed here: "
+                             f"pass the words it may output with --lexicon")
+    words, section = [], None
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if section is None and line and line != "\\data\\":
+                raise ValueError(f"{path}:{line_no}: expected an ARPA file, which opens with \\data\\")
+            if line.startswith("\\"):
+                if section == "\\1-grams:":
+                    break
+                section = line
+            elif section == "\\1-grams:" and line:
+                fields = line.split()
+                if len(fields) < 2:
+                    raise ValueError(f"{path}:{line_no}: expected 'log10 p<TAB>word', got {line[:60]!r}")
+                words.append(fields[1])
+    if section is None:
+        raise ValueError(f"{path} is empty: expected an ARPA file")
+    return [w for w in words if w not in ("<s>", "</s>", "<unk>")]
+
+
+def read_lexicon(path):
+    """The first field of each line: a character model spells a word by its letters, so other
+    fields (librispeech-lexicon.txt's pronunciations, our lexicon's spellings) are not needed."""
+    return [line.split()[0] for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if line.strip()]
+
+
+def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
+    """torchaudio's CTC beam search over the words of the lexicon (default: the LM's words).
+    Every file is read and checked here, before any audio is decoded."""
+    from torchaudio.models.decoder import ctc_decoder  # needs flashlight-text
+    source = lexicon or lm
+    words = read_lexicon(lexicon) if lexicon else read_lm_words(lm)
+    # Decoder words stay as the LM writes them ("HELLO" in LibriSpeech's); spelled in our vocabulary.
+    spellings = {w: data.normalize(w)[0] for w in words}
+    spellings = {w: s for w, s in spellings.items() if s and " " not in s}
+    if not spellings:
+        raise ValueError(f"{source} holds no words spelled with the model's letters and apostrophe")
+    with tempfile.TemporaryDirectory() as folder:
+        lexicon_file = Path(folder) / "lexicon.txt"
+        # A word ends at the boundary token "|", as the decoder's lexicons spell it.
+        lexicon_file.write_text("".join(f"{w}\t{' '.join(s)} |\n" for w, s in spellings.items()))
+        try:
+            return ctc_decoder(str(lexicon_file), TOKENS, lm=str(lm) if lm else None, beam_size=beam_size,
+                               lm_weight=lm_weight, word_score=word_score,
+                               blank_token=data.VOCAB[data.BLANK], sil_token="|")
+        except RuntimeError as e:  # KenLM's message says what it could not parse
+            raise ValueError(f"{lm}: KenLM cannot load it: {str(e).splitlines()[-1]}") from None
+
+
+def beam_search_decode(decoder, log_probs, out_lengths):
+    """The best word sequence of the beam search for each utterance, in our spelling."""
+    # A word is complete only at a word boundary, and the model (trained on transcripts without a
+    # trailing space) emits none after the last word: append one frame that is surely a boundary.
+    batch, frames, symbols = log_probs.shape
+    boundary = torch.full((symbols,), -1e4)
+    boundary[data.CHAR_TO_ID[" "]] = 0.0
+    emissions = boundary.expand(batch, frames + 1, symbols).clone()
+    out_lengths = out_lengths.cpu()
+    emissions[lengths_mask(out_lengths, frames + 1)] = log_probs.float().cpu()[lengths_mask(out_lengths, frames)]
+    results = decoder(emissions, (out_lengths + 1).int())
+    return [" ".join(data.normalize(w)[0] for w in nbest[0].words) if nbest else "" for nbest in results]
 
 
 def edit_distance(ref, hyp):
@@ -97,8 +180,9 @@ def resolve_inputs(paths):
 
 
 @torch.no_grad()
-def transcribe(model, waves, device, batch_seconds, chunk_seconds):
-    """Transcripts for a list of 1-D waveforms, batched by length."""
+def transcribe(model, waves, device, batch_seconds, chunk_seconds, decode=greedy_decode):
+    """Transcripts for a list of 1-D waveforms, batched by length; decode(log_probs, out_lengths)
+    turns a batch's model output into text."""
     # A piece under one analysis window (a cut just before the end) has no output frames.
     pieces = [(i, piece) for i, wave in enumerate(waves) for piece in split_chunks(wave, chunk_seconds)
               if len(piece) >= WINDOW]
@@ -110,7 +194,7 @@ def transcribe(model, waves, device, batch_seconds, chunk_seconds):
         padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             log_probs, out_lengths = model(padded, wave_lengths)
-        for j, text in zip(batch, greedy_decode(log_probs, out_lengths)):
+        for j, text in zip(batch, decode(log_probs, out_lengths)):
             texts[j] = text
     joined = [[] for _ in waves]
     for (i, _), text in zip(pieces, texts):
@@ -119,7 +203,7 @@ def transcribe(model, waves, device, batch_seconds, chunk_seconds):
     return [" ".join(parts) for parts in joined]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="best.pt or last.pt written by train.py")
@@ -128,11 +212,32 @@ def main():
     parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
     parser.add_argument("--chunk-seconds", type=float, default=30.0,
                         help="longer audio is decoded in chunks cut at pauses")
-    args = parser.parse_args()
+    beam = parser.add_argument_group("beam search (with --lm or --lexicon; the default is greedy)")
+    beam.add_argument("--lm", type=Path, help="word n-gram LM: ARPA (.arpa, .arpa.gz) or KenLM binary")
+    beam.add_argument("--lexicon", type=Path, help="the words it may output, the first on each line "
+                                                   "(default: the LM's words)")
+    beam.add_argument("--beam-size", type=int, help=f"default {BEAM_DEFAULTS['beam_size']}")
+    beam.add_argument("--lm-weight", type=float, help=f"default {BEAM_DEFAULTS['lm_weight']}")
+    beam.add_argument("--word-score", type=float,
+                      help=f"added per word; default {BEAM_DEFAULTS['word_score']}")
+    args = parser.parse_args(argv)
     if args.chunk_seconds <= SEARCH_SECONDS:
         parser.error(f"--chunk-seconds must be more than {SEARCH_SECONDS}")
     if not args.batch_seconds > 0:
         parser.error("--batch-seconds must be more than 0")
+    settings = {name: getattr(args, name) for name in BEAM_DEFAULTS}
+    if not (args.lm or args.lexicon) and any(v is not None for v in settings.values()):
+        parser.error("--beam-size, --lm-weight and --word-score need --lm or --lexicon")
+    if settings["beam_size"] is not None and settings["beam_size"] < 1:
+        parser.error("--beam-size must be at least 1")
+    decode = greedy_decode
+    if args.lm or args.lexicon:
+        settings = {name: BEAM_DEFAULTS[name] if v is None else v for name, v in settings.items()}
+        try:
+            decoder = build_beam_search(args.lm, args.lexicon, **settings)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        decode = functools.partial(beam_search_decode, decoder)
 
     device = torch.device(args.device)
     try:
@@ -154,7 +259,7 @@ def main():
         refs.append(ref)
     if not waves:
         sys.exit("error: nothing was decoded")
-    hyps = transcribe(model, waves, device, args.batch_seconds, args.chunk_seconds)
+    hyps = transcribe(model, waves, device, args.batch_seconds, args.chunk_seconds, decode)
 
     if len(args.inputs) == 1 and len(hyps) == 1 and Path(args.inputs[0]).is_file() and refs[0] is None:
         print(hyps[0])

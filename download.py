@@ -1,16 +1,21 @@
-"""Get corpora: CMU's AN4 (50 minutes of real speech, a first run on a CPU) and LibriSpeech.
+"""Get corpora and language models: CMU's AN4 (50 minutes of real speech, a first run on a
+CPU), LibriSpeech and its n-gram LMs, or a word n-gram LM built from your own text.
 
     python download.py an4 --root .                                    # -> ./AN4/{train,dev,test}
     python download.py train-clean-100 dev-clean test-clean --root .   # -> ./LibriSpeech/<subset>
+    python download.py librispeech-lm --root .     # -> ./LibriSpeech/lm/3-gram.pruned.1e-7.arpa.gz
+    python download.py --lm-from AN4/train --lm-out AN4/train.3gram.arpa   # an LM from transcripts
 
 Every archive shows bytes, rate and ETA while it downloads; an interrupted download continues
 where it stopped when the same command is run again. An archive is extracted beside its target
 and moved in only when complete, so a failed download or extraction never leaves a corpus that
 looks ready. Corpora already there are skipped. Only the standard library and soundfile are
-needed, so this runs before anything else is installed.
+needed to download, so this runs before anything else is installed.
 """
 import argparse
+import collections
 import hashlib
+import math
 import shutil
 import sys
 import tarfile
@@ -154,6 +159,36 @@ def download_librispeech(subsets, root, base_url):
         print(f"{final}: ready", file=sys.stderr)
 
 
+LIBRISPEECH_LM_MIRROR = "https://www.openslr.org/resources/11"
+# LibriSpeech's word n-gram LMs and word list (openslr.org/11), upper case as its transcripts.
+# OpenSLR publishes their sizes, not checksums (Kaldi's LibriSpeech recipe checks the same sizes).
+LIBRISPEECH_LM_FILES = {
+    "librispeech-lm": {"3-gram.pruned.1e-7.arpa.gz": 34_094_057, "librispeech-lexicon.txt": 5_627_646},
+    "librispeech-4gram": {"4-gram.arpa.gz": 1_355_172_078},
+}
+
+
+def download_librispeech_lm(name, root, base_url):
+    """Fetch one of LIBRISPEECH_LM_FILES' sets into root/LibriSpeech/lm, as published (KenLM and
+    decode.py read the gzipped ARPA files as they are)."""
+    folder = root / "LibriSpeech" / "lm"
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name, size in LIBRISPEECH_LM_FILES[name].items():
+        final = folder / file_name
+        if final.exists():
+            print(f"{final} is already there; skipping it", file=sys.stderr)
+            continue
+        part = folder / f"{file_name}.part"
+        fetch_archive(f"{base_url}/{file_name}", part)
+        if part.stat().st_size != size:
+            actual = part.stat().st_size
+            part.unlink()
+            raise DownloadError(f"{file_name} from {base_url} has {actual:,} bytes, OpenSLR's has {size:,}; "
+                                f"the file was removed. Run the command again, or try another --base-url.")
+        part.rename(final)
+        print(f"{final}: ready", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------- AN4
 def read_an4_list(etc, part):
     """[(speaker, utterance id, transcript)] from an4_<part>.fileids and .transcription, whose
@@ -242,29 +277,145 @@ def download_an4(root, base_url):
           file=sys.stderr)
 
 
+# -------------------------------------------------------------- a word n-gram LM from text
+def read_sentences(paths):
+    """Word lists from LibriSpeech-layout folders (.trans.txt), TSV manifests (the transcript
+    column) and plain text files (a sentence per line), normalized as the model spells them."""
+    from data import normalize  # needs torch, which downloading does not
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(path.rglob("*.trans.txt"))
+            if not files:
+                raise DownloadError(f"{path}: no .trans.txt files under this folder")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise DownloadError(f"{path}: no such file or folder")
+        for file in files:
+            try:
+                lines = file.read_text(encoding="utf-8-sig").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise DownloadError(f"{file}: cannot read it as UTF-8 text ({e})") from None
+            for line in lines:
+                if file.name.endswith(".trans.txt"):
+                    line = line.partition(" ")[2]  # after the utterance id
+                elif file.suffix == ".tsv":
+                    line = "" if line.startswith("#") else line.partition("\t")[2]
+                words = normalize(line)[0].split()
+                if words:
+                    yield words
+
+
+def kneser_ney(sentences, order):
+    """Interpolated Kneser-Ney (one discount per order, D = n1 / (n1 + 2 n2) from the counts of
+    n-grams seen once and twice) in backoff form: [{ngram: [probability, backoff or None]}].
+    p(w | h) = max(c(h w) - D, 0) / c(h) + D * types(h) / c(h) * p(w | h without its first word),
+    and the second term's factor is h's backoff weight, so every history's column sums to 1."""
+    counts = [collections.Counter() for _ in range(order + 1)]
+    for words in sentences:
+        padded = ("<s>", *words, "</s>")
+        for n in range(1, order + 1):
+            counts[n].update(padded[i:i + n] for i in range(len(padded) - n + 1))
+    if not counts[1]:
+        raise DownloadError("the text holds no words")
+    # Lower orders count distinct left neighbours, not occurrences: a word frequent after only one
+    # word ("francisco") should not be likely after others. An n-gram at <s> has no left neighbour.
+    for n in range(1, order):
+        left = collections.Counter(gram[1:] for gram in counts[n + 1])
+        counts[n] = collections.Counter({g: c if g[0] == "<s>" else left[g] for g, c in counts[n].items()})
+    del counts[1][("<s>",)]  # never predicted; it is only a history
+    model = [{("<s>",): [0.0, None]}]
+    for n in range(1, order + 1):
+        ones, twos = (sum(1 for c in counts[n].values() if c == k) for k in (1, 2))
+        discount = ones / (ones + 2 * twos) if ones and twos else 0.5
+        totals, types = collections.Counter(), collections.Counter()
+        for gram, count in counts[n].items():
+            totals[gram[:-1]] += count
+            types[gram[:-1]] += 1
+        backoff = {history: discount * types[history] / total for history, total in totals.items()}
+        lower = model[n - 2] if n > 1 else {}
+        grams = model[0] if n == 1 else {}
+        for gram, count in counts[n].items():
+            below = lower[gram[1:]][0] if n > 1 else 1 / (len(counts[1]) + 1)  # uniform, <unk> too
+            grams[gram] = [(count - discount) / totals[gram[:-1]] + backoff[gram[:-1]] * below, None]
+        if n == 1:
+            grams[("<unk>",)] = [backoff[()] / (len(counts[1]) + 1), None]
+        else:
+            for history, weight in backoff.items():
+                model[n - 2][history][1] = weight
+            model.append(grams)
+    return model
+
+
+def write_arpa(model, path):
+    """The model as an ARPA file (tab-separated fields, as KenLM requires) and, beside it,
+    the lexicon: each word and its spelling, a line each."""
+    log10 = lambda x: f"{math.log10(x):.6f}" if x > 0 else "-99"
+    lines = ["", "\\data\\"] + [f"ngram {n}={len(grams)}" for n, grams in enumerate(model, 1)]
+    for n, grams in enumerate(model, 1):
+        lines += ["", f"\\{n}-grams:"]
+        for gram, (probability, backoff) in grams.items():
+            fields = [log10(probability), " ".join(gram)] + ([log10(backoff)] if backoff else [])
+            lines.append("\t".join(fields))
+    lines += ["", "\\end\\", ""]
+    words = sorted(g[0] for g in model[0] if g[0] not in ("<s>", "</s>", "<unk>"))
+    lexicon = "".join(f"{word}\t{' '.join(word)}\n" for word in words)
+    for target, text in ((path, "\n".join(lines)), (path.with_suffix(".lexicon.txt"), lexicon)):
+        partial = target.with_name(target.name + ".part")
+        partial.write_text(text)
+        partial.replace(target)
+
+
+def build_lm(text_paths, out, order):
+    if out.exists():
+        raise DownloadError(f"{out} already exists; remove it or pick another --lm-out")
+    model = kneser_ney(read_sentences(text_paths), order)
+    write_arpa(model, out)
+    print(f"{out}: {', '.join(f'{len(grams):,} {n}-grams' for n, grams in enumerate(model, 1))}; "
+          f"lexicon {out.with_suffix('.lexicon.txt')}", file=sys.stderr)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpora", nargs="+", choices=["an4", *sorted(PUBLISHED_MD5)],
-                        help="an4 and/or LibriSpeech subsets")
+    choices = ["an4", *sorted(PUBLISHED_MD5), *LIBRISPEECH_LM_FILES]
+    parser.add_argument("corpora", nargs="*", metavar="NAME",
+                        help=f"{', '.join(choices)}: an4, LibriSpeech subsets, librispeech-lm (pruned "
+                             f"3-gram and word list, 40 MB) and/or librispeech-4gram (1.4 GB)")
     parser.add_argument("--root", default=".", help="folder that will hold AN4/ and LibriSpeech/")
-    parser.add_argument("--base-url", help=f"another location of the archives (default: {AN4_MIRROR} "
+    parser.add_argument("--base-url", help=f"another location of the files (default: {AN4_MIRROR} "
                                            f"for an4, {LIBRISPEECH_MIRROR} for LibriSpeech, whose "
-                                           f"mirrors serve md5sum.txt beside the archives)")
+                                           f"mirrors serve md5sum.txt beside the archives, "
+                                           f"{LIBRISPEECH_LM_MIRROR} for its LMs)")
+    parser.add_argument("--lm-from", nargs="+", metavar="TEXT",
+                        help="build a word n-gram LM from these LibriSpeech-layout folders, TSV "
+                             "manifests or text files (a sentence per line)")
+    parser.add_argument("--lm-out", type=Path, help="the ARPA file --lm-from writes (and its .lexicon.txt)")
+    parser.add_argument("--lm-order", type=int, default=3, choices=range(2, 7), metavar="N",
+                        help="n of the n-gram LM (2-6: KenLM reads bigrams and longer)")
     args = parser.parse_args(argv)
+    for name in set(args.corpora) - set(choices):
+        parser.error(f"unknown name {name!r}: choose from {', '.join(choices)}")
+    if not args.corpora and not args.lm_from:
+        parser.error("name corpora to download, or --lm-from text to build an LM from")
+    if bool(args.lm_from) != bool(args.lm_out):
+        parser.error("--lm-from and --lm-out go together")
     root = Path(args.root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if "an4" in args.corpora:
             download_an4(root, (args.base_url or AN4_MIRROR).rstrip("/"))
-        subsets = [c for c in args.corpora if c != "an4"]
+        subsets = [c for c in args.corpora if c in PUBLISHED_MD5]
         if subsets:
             download_librispeech(subsets, root, (args.base_url or LIBRISPEECH_MIRROR).rstrip("/"))
+        for name in (c for c in args.corpora if c in LIBRISPEECH_LM_FILES):
+            download_librispeech_lm(name, root, (args.base_url or LIBRISPEECH_LM_MIRROR).rstrip("/"))
+        if args.lm_from:
+            build_lm(args.lm_from, args.lm_out, args.lm_order)
     except DownloadError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a root that cannot be written, a full disk
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@
 """
 import argparse
 import fcntl
+import gzip
 import hashlib
 import http.server
 import json
@@ -20,6 +21,8 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from flashlight.lib.text.decoder.kenlm import KenLM
+from flashlight.lib.text.dictionary import create_word_dict
 
 import data
 import decode
@@ -95,6 +98,44 @@ def independent_distance(a, b):
     return previous[-1]
 
 
+def read_arpa(path):
+    """{ngram: (log10 p, log10 backoff)} from an ARPA file, read here independently of decode.py."""
+    model, order = {}, 0
+    for line in Path(path).read_text().splitlines():
+        if line.endswith("-grams:"):
+            order = int(line[1:].split("-")[0])
+        elif order and line and line != "\\end\\":
+            fields = line.split("\t")
+            model[tuple(fields[1].split())] = (float(fields[0]), float(fields[2]) if len(fields) > 2 else 0.0)
+    return model
+
+
+def arpa_log10(model, history, word):
+    """log10 p(word | history) by the ARPA backoff rule."""
+    if history + (word,) in model:
+        return model[history + (word,)][0]
+    if not history:
+        return model[(word,)][0]
+    return model.get(history, (0.0, 0.0))[1] + arpa_log10(model, history[1:], word)
+
+
+def tiny_arpa(unigrams):
+    """ARPA text over these {word: log10 p} and one bigram (KenLM reads bigram models and up)."""
+    return "\n".join(["\\data\\", f"ngram 1={len(unigrams) + 3}", "ngram 2=1", "", "\\1-grams:",
+                      "-99\t<s>\t0", *(f"{p}\t{w}\t0" for w, p in unigrams.items()), "-1\t</s>",
+                      "-3\t<unk>", "", "\\2-grams:", "-0.1\t<s> </s>", "", "\\end\\", ""])
+
+
+def letter_frames(*frames):
+    """(1, T, V) log-probabilities: each frame a {symbol: probability} dict, the rest on blank."""
+    probs = torch.full((len(frames), len(data.VOCAB)), 1e-4)
+    for t, frame in enumerate(frames):
+        for symbol, p in frame.items():
+            probs[t, data.CHAR_TO_ID[symbol]] = p
+        probs[t, data.BLANK] += 1 - float(probs[t].sum())
+    return probs.log()[None]
+
+
 def train_one_rank(rank, flags, port, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), XDG_CACHE_HOME=str(out_dir / f"cache{rank}"))
@@ -119,7 +160,7 @@ class ArchiveServer:
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                if name.endswith(".tar.gz"):
+                if name.endswith(".gz"):
                     server.ranges.append(start)
                     body, server.cut_after = body[:server.cut_after], None
                 self.wfile.write(body[start:])
@@ -345,6 +386,14 @@ def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):
     lines = [line.split("\t") for line in many.stdout.splitlines()]
     assert [utt for utt, _ in lines] == [f"2-198-{i:04d}" for i in range(5)]
     assert "WER" in many.stderr and "CER" in many.stderr
+
+    built = run_script("download.py", "--lm-from", train_dir, "--lm-out", tmp_path / "train.arpa")
+    assert built.returncode == 0, built.stderr
+    beam = run_script("decode.py", tmp_path / "run/best.pt", dev_dir, "--lm", tmp_path / "train.arpa")
+    assert beam.returncode == 0, beam.stderr
+    known = {gram[0] for gram in read_arpa(tmp_path / "train.arpa")}
+    assert all(w in known for line in beam.stdout.splitlines() for w in line.split("\t")[1].split())
+    assert len(beam.stdout.splitlines()) == 5 and "WER" in beam.stderr
 
 
 def test_decode_scores_equal_an_independent_scorer():
@@ -704,6 +753,83 @@ def test_a_ten_minute_recording_is_decoded_in_chunks_cut_at_pauses():
     assert decode.transcribe(model, [torch.randn(300)], torch.device("cpu"), 120, 30.0) == [""]
 
 
+# ---------------------------------------------------------- beam search and language models
+def test_an_lm_fixes_a_spelling_the_acoustics_alone_get_wrong(tmp_path):
+    log_probs = letter_frames({"c": 0.9}, {}, {"o": 0.5, "a": 0.4}, {}, {"t": 0.9})
+    lengths = torch.tensor([log_probs.shape[1]])
+    assert decode.greedy_decode(log_probs, lengths) == ["cot"]
+    (tmp_path / "words.txt").write_text("cat\tc a t\ncot\tc o t\n")
+    (tmp_path / "lm.arpa").write_text(tiny_arpa({"cat": -0.1, "cot": -2.0}))
+    settings = {"beam_size": 10, "lm_weight": 1.0, "word_score": 0.0}
+    lexicon_only = decode.build_beam_search(None, tmp_path / "words.txt", **settings)
+    assert decode.beam_search_decode(lexicon_only, log_probs, lengths) == ["cot"]
+    with_lm = decode.build_beam_search(tmp_path / "lm.arpa", None, **settings)  # lexicon: the LM's words
+    assert decode.beam_search_decode(with_lm, log_probs, lengths) == ["cat"]
+
+
+def test_lexicon_constrained_output_is_always_in_the_lexicon(tmp_path):
+    torch.manual_seed(0)
+    log_probs = (3 * torch.randn(6, 60, len(data.VOCAB))).log_softmax(-1)
+    lengths = torch.tensor([60, 55, 50, 40, 30, 20])
+    lexicon = {"a", "bad", "cab", "it's", "dead"}
+    (tmp_path / "words.txt").write_text("".join(f"{w}\n" for w in sorted(lexicon)))
+    decoder = decode.build_beam_search(None, tmp_path / "words.txt", 20, 1.0, 2.0)
+    words = [w for text in decode.beam_search_decode(decoder, log_probs, lengths) for w in text.split()]
+    assert words and set(words) <= lexicon
+    greedy = {w for text in decode.greedy_decode(log_probs, lengths) for w in text.split()}
+    assert greedy - lexicon  # unconstrained, the same frames spell other words
+
+
+def test_an_lm_built_from_text_loads_in_kenlm_sums_to_one_and_scores_as_kenlm_does(tmp_path):
+    (tmp_path / "corpus/7/1").mkdir(parents=True)
+    (tmp_path / "corpus/7/1/7-1.trans.txt").write_text("7-1-0 ABC\n7-1-1 ABC DE\n7-1-2 DE ABC FG\n")
+    (tmp_path / "more.tsv").write_text("# audio\ttranscript\nx.flac\tDe fg, ABC!\n")
+    (tmp_path / "book.txt").write_text("fg de abc de\n\nabc fg\n")
+    out = tmp_path / "lm.arpa"
+    texts = [str(tmp_path / name) for name in ("corpus", "more.tsv", "book.txt")]
+    download.main(["--lm-from", *texts, "--lm-out", str(out), "--lm-order", "3"])
+    assert (tmp_path / "lm.lexicon.txt").read_text() == "abc\ta b c\nde\td e\nfg\tf g\n"
+    model = read_arpa(out)
+    vocabulary = ["abc", "de", "fg", "</s>", "<unk>"]
+    assert {g[0] for g in model if len(g) == 1} == {*vocabulary, "<s>"} and max(map(len, model)) == 3
+    for history in [(), *(g for g in model if len(g) < 3 and g[-1] != "</s>")]:
+        total = sum(10 ** arpa_log10(model, history, w) for w in vocabulary)
+        assert total == pytest.approx(1, abs=1e-5), history
+    # KenLM reads the file and gives every word of a sentence the probability computed here.
+    words = create_word_dict({w: [[w]] for w in vocabulary})
+    kenlm = KenLM(str(out), words)
+    state, history = kenlm.start(False), ("<s>",)
+    for word in ["fg", "fg", "abc", "<unk>", "de", "</s>"]:
+        state, score = kenlm.finish(state) if word == "</s>" else kenlm.score(state, words.get_index(word))
+        assert score == pytest.approx(arpa_log10(model, history[-2:], word), abs=1e-4), word
+        history += (word,)
+    with pytest.raises(SystemExit) as exists:  # an existing file is never overwritten
+        download.main(["--lm-from", str(tmp_path / "book.txt"), "--lm-out", str(out)])
+    assert str(out) in str(exists.value) and read_arpa(out) == model
+
+
+def test_a_bad_lm_or_lexicon_is_named_before_any_audio_is_decoded(tmp_path, capsys):
+    short = tiny_arpa({"abc": -1}).replace("ngram 1=4", "ngram 1=5")  # one unigram fewer than it says
+    files = {"empty.arpa": "", "words.arpa": "hello world\n", "short.arpa": short,
+             "empty.txt": "\n", "digits.txt": "123\n42 x\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "binary.lm").write_bytes(b"mmap lm http://kheafield.com/code format version 5\0")
+    cases = [("--lm", "missing.arpa", "No such file"), ("--lm", "empty.arpa", "is empty"),
+             ("--lm", "words.arpa", "expected an ARPA file"), ("--lm", "short.arpa", "KenLM cannot load it"),
+             ("--lm", "binary.lm", "pass the words it may output with --lexicon"),
+             ("--lexicon", "missing.txt", "No such file"), ("--lexicon", "empty.txt", "holds no words"),
+             ("--lexicon", "digits.txt", "holds no words")]
+    for flag, name, problem in cases:
+        # The checkpoint and audio do not exist: the LM and lexicon are checked before either is read.
+        with pytest.raises(SystemExit) as failed:
+            decode.main([str(tmp_path / "missing.pt"), "missing.flac", flag, str(tmp_path / name)])
+        assert str(tmp_path / name) in str(failed.value) and problem in str(failed.value), name
+    with pytest.raises(SystemExit):
+        decode.main([str(tmp_path / "missing.pt"), "x.flac", "--lm-weight", "2"])  # beam flags need --lm
+    assert "need --lm or --lexicon" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ scale and download
 def test_two_ranks_with_gloo_end_with_identical_weights_and_one_checkpoint(tmp_path):
     train_dir, dev_dir = make_corpus(tmp_path, 30, 3)
@@ -827,6 +953,35 @@ def test_a_truncated_an4_archive_is_removed_and_nothing_is_half_written(tmp_path
         download.main(["an4", "--root", str(tmp_path / "root"), "--base-url", server.url])
     assert "cannot be extracted" in str(failed.value) and "download it anew" in str(failed.value)
     assert not list((tmp_path / "root").iterdir())
+
+
+def test_download_librispeech_lm_checks_sizes_resumes_and_keeps_files_as_published(tmp_path, monkeypatch):
+    arpa = gzip.compress(tiny_arpa({"HELLO": -0.5}).encode())
+    lexicon = b"HELLO HH AH0 L OW1\nWORLD W ER1 L D\n"
+    server = ArchiveServer({"3-gram.pruned.1e-7.arpa.gz": arpa, "librispeech-lexicon.txt": lexicon})
+    monkeypatch.setattr(download, "LIBRISPEECH_LM_FILES", {"librispeech-lm": {
+        "3-gram.pruned.1e-7.arpa.gz": len(arpa), "librispeech-lexicon.txt": len(lexicon)}})
+    command = ["librispeech-lm", "--root", str(tmp_path), "--base-url", server.url]
+    server.cut_after = len(arpa) // 2
+    with pytest.raises(SystemExit) as cut:
+        download.main(command)
+    folder = tmp_path / "LibriSpeech" / "lm"
+    assert "Run the same command again" in str(cut.value)
+    assert not (folder / "3-gram.pruned.1e-7.arpa.gz").exists()
+    download.main(command)
+    assert server.ranges == [0, len(arpa) // 2]
+    assert sorted(p.name for p in folder.iterdir()) == ["3-gram.pruned.1e-7.arpa.gz",
+                                                        "librispeech-lexicon.txt"]
+    assert decode.read_lm_words(folder / "3-gram.pruned.1e-7.arpa.gz") == ["HELLO"]
+    assert decode.read_lexicon(folder / "librispeech-lexicon.txt") == ["HELLO", "WORLD"]
+    decoder = decode.build_beam_search(folder / "3-gram.pruned.1e-7.arpa.gz", None, 5, 1.0, 0.0)
+    log_probs = letter_frames(*({c: 0.9} if c != "_" else {} for c in "h_e_l_l_o"))
+    assert decode.beam_search_decode(decoder, log_probs, torch.tensor([9])) == ["hello"]  # our spelling
+
+    server.files["librispeech-lexicon.txt"] = b"not the file OpenSLR publishes\n"
+    with pytest.raises(SystemExit) as wrong:
+        download.main(["librispeech-lm", "--root", str(tmp_path / "other"), "--base-url", server.url])
+    assert "bytes" in str(wrong.value) and not list((tmp_path / "other/LibriSpeech/lm").glob("*lexicon*"))
 
 
 # ------------------------------------------------------------------------ health checks
