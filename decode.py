@@ -32,7 +32,7 @@ SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to c
 # The decoder's names for our symbols: the blank stays "_", the space is its word boundary "|".
 TOKENS = ["|" if symbol == " " else symbol for symbol in data.VOCAB]
 # Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
-BEAM_DEFAULTS = {"beam_size": 50, "lm_weight": 1.0, "word_score": 1.0}
+BEAM_DEFAULTS = {"beam_size": 100, "lm_weight": 1.5, "word_score": 0.5}
 
 
 def greedy_decode(log_probs, out_lengths):

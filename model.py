@@ -4,7 +4,8 @@
     log_probs, out_lengths = model(waves, wave_lengths)   # (B, T, vocab), (B,)
 
 Read top to bottom, this file is the whole path from samples to the CTC loss input:
-log-mel -> per-utterance normalization -> frequency warp and SpecAugment (training only) ->
+(speed perturbation, training only) -> log-mel -> per-utterance normalization -> frequency warp
+and SpecAugment (training only) ->
 2-D conv with a time stride -> bidirectional GRU -> linear -> log_softmax. Features live inside
 the model so that training and decoding cannot disagree on them. Every step is
 padding-invariant: an utterance gets the same output alone and inside a padded batch.
@@ -27,6 +28,7 @@ CONV_KERNEL = 3
 TIME_STRIDES = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2)}
 FREQ_STRIDE = 2                      # each conv layer halves the mel axis as well
 WARP_KNOTS = 4                       # frequency warp factors at ~0, 0.9, 3 and 8 kHz (80 mels)
+SPEEDS = (0.9, 1.0, 1.1)             # speed perturbation's factors (Ko et al. 2015)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ModelConfig:
     rnn_layers: int = 5
     rnn_hidden: int = 512            # per direction
     dropout: float = 0.1
+    speed_perturb: bool = False      # play each training batch at one of SPEEDS
     freq_warp: float = 0.1           # VTLP: each frequency region scaled by a factor in 1 +- this
     freq_masks: int = 2              # SpecAugment (LibriSpeech "LD" policy, Park et al. 2019)
     freq_mask_width: int = 27
@@ -127,6 +130,17 @@ class CTCModel(nn.Module):
             lengths = conv_lengths(lengths, s)
         return lengths.clamp(min=0)
 
+    def perturb_speed(self, waves, wave_lengths):
+        """Play the batch faster or slower, tempo and pitch together, as a tape would: the
+        samples are read as if recorded at SAMPLE_RATE * speed and resampled to SAMPLE_RATE."""
+        speed = SPEEDS[int(torch.randint(len(SPEEDS), ()))]
+        if speed == 1.0:
+            return waves, wave_lengths
+        recorded_at = round(SAMPLE_RATE * speed)
+        waves = torchaudio.functional.resample(waves, recorded_at, SAMPLE_RATE)
+        lengths = torch.div(wave_lengths * SAMPLE_RATE + recorded_at - 1, recorded_at, rounding_mode="floor")
+        return waves, lengths  # ceil(length * SAMPLE_RATE / recorded_at), as resample's own output
+
     def features(self, waves, wave_lengths):
         """Log-mel, normalized per utterance and per bin over real frames only: (B, T, n_mels)."""
         with torch.autocast(waves.device.type, enabled=False):  # log of small energies needs fp32
@@ -177,6 +191,8 @@ class CTCModel(nn.Module):
         """waves (B, samples) float, wave_lengths (B,) int on the CPU (no device sync to read
         them) -> log_probs (B, T, vocab) float32, out_lengths (B,) on the CPU."""
         wave_lengths = wave_lengths.cpu()
+        if self.training and self.config.speed_perturb:
+            waves, wave_lengths = self.perturb_speed(waves, wave_lengths)
         x, lengths = self.features(waves, wave_lengths)
         if self.training:
             if self.config.freq_warp:

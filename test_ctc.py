@@ -293,6 +293,28 @@ def test_spec_augment_only_in_training():
     assert not torch.equal(model(wave, length)[0], model(wave, length)[0])
 
 
+def test_speed_perturbation_plays_a_batch_faster_or_slower_and_its_lengths_follow(monkeypatch):
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2, speed_perturb=True,
+                                 freq_warp=0.0, freq_masks=0, time_masks=0))
+    t = np.arange(16000) / 16000
+    waves = torch.from_numpy(np.stack([np.sin(2 * np.pi * 1000 * t), np.sin(2 * np.pi * 500 * t)])).float()
+    waves[1, 12000:] = 0
+    lengths = torch.tensor([16000, 12000])
+    for speed in (0.9, 1.1):
+        monkeypatch.setattr("model.SPEEDS", (speed,))
+        faster, new_lengths = model.perturb_speed(waves, lengths)
+        assert new_lengths.tolist() == [int(np.ceil(16000 / speed)), int(np.ceil(12000 / speed))]
+        assert faster.shape[1] == new_lengths[0]
+        peak_hz = np.argmax(np.abs(np.fft.rfft(faster[0].numpy()))) * 16000 / faster.shape[1]
+        assert peak_hz == pytest.approx(1000 * speed, abs=2)  # tempo and pitch move together
+        model.train()
+        log_probs, out_lengths = model(waves, lengths)
+        assert torch.equal(out_lengths, model.output_lengths(new_lengths))
+        assert log_probs.shape[1] == out_lengths.max()
+        model.eval()  # decoding is never perturbed
+        assert torch.equal(model(waves, lengths)[1], model.output_lengths(lengths))
+
+
 def test_frequency_warp_moves_tones_as_a_scaled_vocal_tract_would():
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     t = torch.arange(16000) / data.SAMPLE_RATE

@@ -72,6 +72,8 @@ def build_parser():
     g.add_argument("--rnn-layers", type=positive, default=m.rnn_layers)
     g.add_argument("--rnn-hidden", type=positive, default=m.rnn_hidden, help="GRU units per direction")
     g.add_argument("--dropout", type=in_range(float, 0, 1), default=m.dropout)
+    g.add_argument("--speed-perturb", action=argparse.BooleanOptionalAction, default=m.speed_perturb,
+                   help="play each training batch at 0.9, 1.0 or 1.1 times its speed")
     g.add_argument("--freq-warp", type=in_range(float, 0, 0.5), default=m.freq_warp,
                    help="frequency warp (VTLP, see model.py): up to +-this per region (0: off)")
     g.add_argument("--freq-masks", type=count, default=m.freq_masks, help="SpecAugment frequency masks")
@@ -387,6 +389,7 @@ def main(argv=None):
     args, checkpoint = resolve_args(argv, log)
     if args.overfit:  # the health check: nothing may stand between the model and its training set
         args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
+        args.speed_perturb = False
     lock = claim_run_dir(args, checkpoint["step"] if checkpoint else None) if master else None
     try:
         return train(args, checkpoint, master, log)
