@@ -111,7 +111,8 @@ def beam_search_decode(decoder, log_probs, out_lengths):
     boundary[data.CHAR_TO_ID[" "]] = 0.0
     emissions = boundary.expand(batch, frames + 1, symbols).clone()
     out_lengths = out_lengths.cpu()
-    emissions[lengths_mask(out_lengths, frames + 1)] = log_probs.float().cpu()[lengths_mask(out_lengths, frames)]
+    real_frames = log_probs.float().cpu()[lengths_mask(out_lengths, frames)]
+    emissions[lengths_mask(out_lengths, frames + 1)] = real_frames  # the boundary frame right after
     results = decoder(emissions, (out_lengths + 1).int())
     return [" ".join(data.normalize(w)[0] for w in nbest[0].words) if nbest else "" for nbest in results]
 
