@@ -743,6 +743,12 @@ def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tm
             train.main(["--resume", str(path), *flags])
         assert str(path) in str(exit_info.value) and problem in str(exit_info.value)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files_before
+    # A run saved before a model option existed (here --speed-perturb) resumes with its default.
+    older = {**good, "model_config": {k: v for k, v in good["model_config"].items() if k != "speed_perturb"},
+             "train_config": {k: v for k, v in good["train_config"].items() if k != "speed_perturb"}}
+    torch.save(older, tmp_path / "run/last.pt")
+    resumed = train.main(["--resume", str(tmp_path / "run/last.pt"), "--eval-every", "100"])
+    assert resumed.config.speed_perturb is False
 
 
 def test_decode_reports_each_bad_input_and_fails_only_if_nothing_decoded(tmp_path):

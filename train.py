@@ -178,7 +178,9 @@ def resolve_args(argv, log):
                  f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
                  f"Drop them, or start a new run with a new --run-dir.")
     saved_flags = argparse.Namespace(**checkpoint["train_config"])
-    if checkpoint["model_config"] != dataclasses.asdict(model_config(saved_flags)):
+    # A model field added since the checkpoint was written has its default value there.
+    saved_model = {**dataclasses.asdict(ModelConfig()), **checkpoint["model_config"]}
+    if saved_model != dataclasses.asdict(model_config(saved_flags)):
         sys.exit(f"error: --resume {path}: model shape differs from the flags it was saved with")
     log(f"resuming {path} at step {checkpoint['step']}")
     return argparse.Namespace(**{**checkpoint["train_config"], **given, "resume": str(path),
@@ -300,6 +302,23 @@ def evaluate(model, loader, device, bf16):
     return wer, cer, list(zip(refs, hyps))
 
 
+def evaluate_and_report(model, dev_loader, device, bf16, label, step, cer_history, block_norms, args, log):
+    """Score dev and log it with the health signals: the three longest pairs, the gradient
+    norm of each block, a warning if the run looks stuck. Returns (dev WER, metrics record)."""
+    started = time.time()
+    wer, cer, pairs = evaluate(model, dev_loader, device, bf16)
+    seconds = time.time() - started
+    cer_history.append(cer)
+    log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  gradient norms {block_norms}")
+    for ref, hyp in pairs[-3:]:  # the longest: the shortest are often single words
+        log(f"  ref: {ref}\n  hyp: {hyp}")
+    warning = diagnose([hyp for _, hyp in pairs], cer_history, step, args)
+    if warning:
+        log(f"warning: {warning}")
+    return wer, {"dev_wer": wer, "dev_cer": cer, "grad_norms": block_norms, "warning": warning,
+                 "eval_seconds": seconds}
+
+
 def gradient_norms_by_block(model):
     """Gradient norm of the front end, each GRU layer and the output layer. A block near zero
     (vanishing) or far above the others (exploding) shows where to look."""
@@ -382,6 +401,20 @@ def skip_out_of_memory_batch(batch, optimizer, cuda, args, log):
         f"repeats, lower --batch-seconds (now {args.batch_seconds}) or --max-seconds")
 
 
+def catch_stop_signals():
+    """From now on Ctrl-C and SIGTERM append to the returned list instead of ending the process,
+    so that the loop can finish its step, save and say how to resume. Returns (that list, a
+    function that puts the previous handlers back)."""
+    stop = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return stop, restore
+
+
 def main(argv=None):
     """Train as the command line says; returns the trained model (on every rank)."""
     master = int(os.environ.get("RANK", 0)) == 0
@@ -445,29 +478,15 @@ def train(args, checkpoint, master, log):
         metrics.flush()
 
     def evaluate_and_keep_best(label):
-        """Score dev, log it with the health signals, keep best.pt."""
         nonlocal best_wer
-        started = time.time()
-        wer, cer, pairs = evaluate(model, dev_loader, device, bf16)
-        seconds = time.time() - started
-        cer_history.append(cer)
-        log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  "
-            f"gradient norms {block_norms}")
-        for ref, hyp in pairs[-3:]:  # the longest: the shortest are often single words
-            log(f"  ref: {ref}\n  hyp: {hyp}")
-        warning = diagnose([hyp for _, hyp in pairs], cer_history, step, args)
-        if warning:
-            log(f"warning: {warning}")
-        write_metrics({"epoch": epoch, "step": step, "dev_wer": wer, "dev_cer": cer,
-                       "grad_norms": block_norms, "warning": warning, "eval_seconds": seconds,
-                       "wall_seconds": time.time() - run_start})
+        wer, record = evaluate_and_report(model, dev_loader, device, bf16, label, step, cer_history,
+                                          block_norms, args, log)
+        write_metrics({"epoch": epoch, "step": step, **record, "wall_seconds": time.time() - run_start})
         if wer < best_wer:
             best_wer = wer
             save("best.pt")
 
-    stop = []  # the signal received, if any; checked once per step
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop, restore_signal_handlers = catch_stop_signals()  # stop is checked once per step
     log("note: the greedy output is mostly blank at first (the 'blank plateau'); letters follow, then words")
 
     # ---- the loop: get batch, forward, loss, backward, clip, step, log, evaluate, save
@@ -542,8 +561,7 @@ def train(args, checkpoint, master, log):
         if stop:
             log(f"stopped by signal {stop[0]} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
                 f"  python train.py --resume {run_dir / 'last.pt'}")
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
+    restore_signal_handlers()
     if distributed:
         dist.destroy_process_group()
     return model
