@@ -48,12 +48,13 @@ def greedy_decode(log_probs, out_lengths):
 
 def read_lm_words(path):
     """The words of an ARPA file's unigrams (plain or gzipped), for the default lexicon."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
         if f.read(8) == b"mmap lm ":
             raise ValueError(f"{path} is a KenLM binary, whose words cannot be listed here: "
                              f"pass the words it may output with --lexicon")
     words, section = [], None
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             line = line.strip()
             if section is None and line and line != "\\data\\":
