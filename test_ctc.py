@@ -394,8 +394,9 @@ def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "dev WER" in result.stdout and "blank" in result.stdout
     metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    logged = {"loss", "lr", "grad_norm", "x_realtime", "blank_share", "data_wait"}
+    logged = {"loss", "lr", "grad_norm", "x_realtime", "blank_share", "data_wait", "peak_memory_gb"}
     assert any(logged <= m.keys() for m in metrics)
+    assert all(0.05 < m["peak_memory_gb"] < 24 for m in metrics if "loss" in m)  # GB, not KiB or bytes
     assert any("dev_cer" in m for m in metrics)
     checkpoint = torch.load(tmp_path / "run/best.pt", weights_only=True)
     assert checkpoint["train_config"]["rnn_hidden"] == 32 and checkpoint["vocab"] == data.VOCAB

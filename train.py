@@ -6,9 +6,10 @@
 
 The README has the CPU recipe (AN4, real speech, about 20 minutes on 2 cores). Every
 --log-every steps a line shows loss, learning rate, gradient norm, x-realtime (audio seconds
-trained per wall second), data wait, ETA and the share of blank frames in the greedy output;
-every --eval-every steps, dev WER/CER. The same numbers go to <run>/metrics.jsonl. <run>/last.pt
-is written every --save-every steps and on Ctrl-C; <run>/best.pt has the best dev WER.
+trained per wall second), data wait, the share of blank frames in the greedy output, peak
+memory and ETA; every --eval-every steps, dev WER/CER. The same numbers go to
+<run>/metrics.jsonl. <run>/last.pt is written every --save-every steps and on Ctrl-C;
+<run>/best.pt has the best dev WER.
 """
 import argparse
 import dataclasses
@@ -17,6 +18,7 @@ import fcntl
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -349,13 +351,21 @@ def diagnose(hyps, cer_history, step, args):
     return None
 
 
+def peak_memory_gb(device):
+    """The most memory the run has held so far: the caching allocator's on a GPU (what
+    nvidia-smi shows, less the CUDA context), else this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
 class LogInterval:
     """What the steps since the last log line did. Loss and blank counts are summed on the
     device and read once per log line, so logging adds no host sync to a step."""
 
     def __init__(self, device):
         self.sums = torch.zeros(3, device=device)  # loss, blank frames, real frames
-        self.start, self.audio, self.wait, self.grad_norm = time.time(), 0.0, 0.0, 0.0
+        self.device, self.start, self.audio, self.wait, self.grad_norm = device, time.time(), 0.0, 0.0, 0.0
         self.steps, self.trained, self.skipped, self.oom = 0, 0, 0, 0
 
     def add(self, loss, grad_norm, log_probs, out_lengths):
@@ -373,11 +383,12 @@ class LogInterval:
         r = {"epoch": epoch, "step": step, "loss": loss / trained, "lr": lr,
              "grad_norm": self.grad_norm / trained, "x_realtime": self.audio / elapsed,
              "data_wait": self.wait / elapsed, "blank_share": blank_frames / max(1, frames),
-             "skipped_steps": self.skipped, "oom_batches": self.oom}
+             "skipped_steps": self.skipped, "oom_batches": self.oom,
+             "peak_memory_gb": peak_memory_gb(self.device)}
         line = (f"epoch {epoch} step {step}/{total_steps} loss {r['loss']:.3f} lr {lr:.2e} "
                 f"grad {r['grad_norm']:.2f} {r['x_realtime']:.0f}x realtime data wait "
                 f"{100 * r['data_wait']:.0f}% blank {100 * r['blank_share']:.0f}% skipped {self.skipped} "
-                f"ETA {eta_seconds / 60:.0f} min")
+                f"memory {r['peak_memory_gb']:.1f} GB ETA {eta_seconds / 60:.0f} min")
         return line, r
 
 
