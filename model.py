@@ -188,6 +188,27 @@ class CTCModel(nn.Module):
             keep &= (frames < start) | (frames >= start + width)
         return x * keep
 
+    def augment(self, x, lengths):
+        """Training only: frequency warp, then SpecAugment's masks."""
+        if self.config.freq_warp:
+            # One factor at each of WARP_KNOTS points along the mel axis, linear between: voices
+            # differ in how they scale each formant, not only in one vocal tract length.
+            uniform = 2 * torch.rand(len(x), 1, WARP_KNOTS, device=x.device) - 1
+            knots = 1 + self.config.freq_warp * uniform
+            factor = F.interpolate(knots, size=x.shape[2], mode="linear", align_corners=True)[:, 0]
+            x = self.warp_frequencies(x, factor)
+        return self.spec_augment(x, lengths)
+
+    def front_end(self, x, lengths):
+        """(B, T, n_mels) features -> (B, T / stride, channels * freq) conv features, lengths."""
+        x = x.unsqueeze(1)                                  # (B, 1, T, n_mels)
+        for conv, stride in zip(self.convs, TIME_STRIDES[self.config.time_stride]):
+            lengths = conv_lengths(lengths, stride)
+            x = F.gelu(conv(x))
+            # Zero the padded frames again so the next conv sees zeros there, as it would alone.
+            x = x * lengths_mask(lengths, x.shape[2])[:, None, :, None]
+        return x.permute(0, 2, 1, 3).flatten(2), lengths
+
     def forward(self, waves, wave_lengths):
         """waves (B, samples) float, wave_lengths (B,) int on the CPU (no device sync to read
         them) -> log_probs (B, T, vocab) float32, out_lengths (B,) on the CPU."""
@@ -196,21 +217,8 @@ class CTCModel(nn.Module):
             waves, wave_lengths = self.perturb_speed(waves, wave_lengths)
         x, lengths = self.features(waves, wave_lengths)
         if self.training:
-            if self.config.freq_warp:
-                # One factor at each of WARP_KNOTS points along the mel axis, linear between: voices
-                # differ in how they scale each formant, not only in one vocal tract length.
-                uniform = 2 * torch.rand(len(x), 1, WARP_KNOTS, device=x.device) - 1
-                knots = 1 + self.config.freq_warp * uniform
-                factor = F.interpolate(knots, size=x.shape[2], mode="linear", align_corners=True)[:, 0]
-                x = self.warp_frequencies(x, factor)
-            x = self.spec_augment(x, lengths)
-        x = x.unsqueeze(1)                                  # (B, 1, T, n_mels)
-        for conv, stride in zip(self.convs, TIME_STRIDES[self.config.time_stride]):
-            lengths = conv_lengths(lengths, stride)
-            x = F.gelu(conv(x))
-            # Zero the padded frames again so the next conv sees zeros there, as it would alone.
-            x = x * lengths_mask(lengths, x.shape[2])[:, None, :, None]
-        x = x.permute(0, 2, 1, 3).flatten(2)                # (B, T', channels * freq)
+            x = self.augment(x, lengths)
+        x, lengths = self.front_end(x, lengths)
         for i, layer in enumerate(self.layers):
             x = layer(self.dropout(x) if i > 0 else x, lengths)
         logits = self.output(self.dropout(x))

@@ -30,14 +30,13 @@ import torch.distributed as dist
 
 import data
 import decode
-from model import (FRAMES_PER_SECOND, CTCModel, ModelConfig, build_from_checkpoint, lengths_mask,
-                   model_checkpoint)
+from model import FRAMES_PER_SECOND, CTCModel, ModelConfig, lengths_mask, model_checkpoint
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
 CONVERGED_CER = 1.0          # a dev CER (%) at or below this is a finished run, not a stuck one
 # Flags that change where and how often, not what, a run computes: --resume may change them.
-RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every")
+RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every", "max_minutes")
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-steps); features not "
           "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
@@ -101,6 +100,9 @@ def build_parser():
     g.add_argument("--log-every", type=positive, default=50)
     g.add_argument("--eval-every", type=positive, default=1000)
     g.add_argument("--save-every", type=positive, default=500)
+    g.add_argument("--max-minutes", type=above_zero, default=None,
+                   help="end after this many minutes of training (evaluations not counted), as if the last "
+                        "epoch were done: a job's time limit, or a comparison at equal time (ablation.py)")
     return p
 
 
@@ -388,7 +390,7 @@ class LogInterval:
         r = {"epoch": epoch, "step": step, "loss": loss / trained, "lr": lr,
              "grad_norm": self.grad_norm / trained, "x_realtime": self.audio / elapsed,
              "data_wait": self.wait / elapsed, "blank_share": blank_frames / max(1, frames),
-             "skipped_steps": self.skipped, "oom_batches": self.oom,
+             "skipped_steps": self.skipped, "oom_batches": self.oom, "audio_seconds": self.audio,
              "peak_memory_gb": peak_memory_gb(self.device)}
         line = (f"epoch {epoch} step {step}/{total_steps} loss {r['loss']:.3f} lr {lr:.2e} "
                 f"grad {r['grad_norm']:.2f} {r['x_realtime']:.0f}x realtime data wait "
@@ -431,8 +433,9 @@ def catch_stop_signals():
     return stop, restore
 
 
-def main(argv=None):
-    """Train as the command line says; returns the trained model (on every rank)."""
+def main(argv=None, model=None):
+    """Train as the command line says; returns the trained model (on every rank). model: a module to
+    train instead of the flags' CTCModel, called and checkpointed as it is (ablation.py's variants)."""
     master = int(os.environ.get("RANK", 0)) == 0
     log = (lambda message: print(message, flush=True)) if master else (lambda message: None)
     args, checkpoint = resolve_args(argv, log)
@@ -441,20 +444,20 @@ def main(argv=None):
         args.speed_perturb = False
     lock = claim_run_dir(args, checkpoint["step"] if checkpoint else None) if master else None
     try:
-        return train(args, checkpoint, master, log)
+        return train(args, checkpoint, master, log, model)
     finally:
         if lock:
             lock.close()  # on an error exit too, so that the folder is free at once
 
 
-def build_model(args, checkpoint, device):
+def build_model(args, checkpoint, device, model):
     """The model and AdamW, new or as the checkpoint left them, and the run's progress so far."""
-    model = CTCModel(model_config(args)) if checkpoint is None else build_from_checkpoint(checkpoint)[0]
-    model.to(device)
+    model = (model or CTCModel(model_config(args))).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     if checkpoint is None:
         return model, optimizer, (0, 0, 0, math.inf)
+    model.load_state_dict(checkpoint["model"])  # resolve_args checked its shape against the flags
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng_cpu"])
     if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
@@ -462,13 +465,13 @@ def build_model(args, checkpoint, device):
     return model, optimizer, tuple(checkpoint[k] for k in ("step", "epoch", "batch_in_epoch", "best_wer"))
 
 
-def train(args, checkpoint, master, log):
+def train(args, checkpoint, master, log, model=None):
     """The run after its flags and folder are settled: setup, the loop, the end."""
     # ---- device, model, optimizer, data
     device, rank, world_size, bf16 = setup_device(args)
     distributed, cuda, run_dir = world_size > 1, device.type == "cuda", Path(args.run_dir or ".")
     torch.manual_seed(args.seed)
-    model, optimizer, (step, epoch, batch_in_epoch, best_wer) = build_model(args, checkpoint, device)
+    model, optimizer, (step, epoch, batch_in_epoch, best_wer) = build_model(args, checkpoint, device, model)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{FRAMES_PER_SECOND / args.time_stride:.0f} output frames/s, "
         f"device {device}{' bf16' if bf16 else ''}, world size {world_size}")
@@ -479,6 +482,7 @@ def train(args, checkpoint, master, log):
     log(f"run: {run_dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
     metrics = open(run_dir / "metrics.jsonl", "a") if master else None
     interval, bad_in_a_row, run_start, start_step = LogInterval(device), 0, time.time(), step
+    eval_seconds, out_of_time = 0.0, False  # the --max-minutes clock runs only while training
     cer_history, block_norms = [], {}
 
     def save(name):
@@ -494,9 +498,10 @@ def train(args, checkpoint, master, log):
         metrics.flush()
 
     def evaluate_and_keep_best(label):
-        nonlocal best_wer
+        nonlocal best_wer, eval_seconds
         wer, record = evaluate_and_report(model, dev_loader, device, bf16, label, step, cer_history,
                                           block_norms, args, log)
+        eval_seconds += record["eval_seconds"]
         write_metrics({"epoch": epoch, "step": step, **record, "wall_seconds": time.time() - run_start})
         if wer < best_wer:
             best_wer = wer
@@ -507,7 +512,7 @@ def train(args, checkpoint, master, log):
 
     # ---- the loop: get batch, forward, loss, backward, clip, step, log, evaluate, save
     model.train()
-    while epoch < args.epochs and not stop:
+    while epoch < args.epochs and not stop and not out_of_time:
         sampler.set_epoch(epoch, batch_in_epoch)
         wait_start = time.time()
         for batch in loader:
@@ -562,7 +567,10 @@ def train(args, checkpoint, master, log):
                 evaluate_and_keep_best(f"eval step {step}")
             if step % args.save_every == 0 and master:
                 save("last.pt")
-            if stop:
+            if args.max_minutes:  # rank 0's clock decides for all ranks: it alone evaluates
+                over = master and time.time() - run_start - eval_seconds > 60 * args.max_minutes
+                out_of_time = not on_every_rank(not over, device, distributed)
+            if stop or out_of_time:
                 break
             wait_start = time.time()
         else:
@@ -574,6 +582,8 @@ def train(args, checkpoint, master, log):
             evaluate_and_keep_best("final")
         save("last.pt")
         metrics.close()
+        if out_of_time:
+            log(f"--max-minutes {args.max_minutes} reached at step {step}; {run_dir / 'last.pt'} saved")
         if stop:
             log(f"stopped by signal {stop[0]} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
                 f"  python train.py --resume {run_dir / 'last.pt'}")
