@@ -403,7 +403,7 @@ def main(argv=None):
     p.add_argument("--dev", nargs="+", required=True, help="dev corpora: every row is scored on them")
     p.add_argument("--out", type=Path, required=True, help="folder for the tables, figure and row runs")
     p.add_argument("--minutes", type=train.in_range(float, 0, low_open=True), default=None,
-                   help="training minutes per row (default 2.5, --quick 1)")
+                   help="training minutes per row (default 4, --quick 1.5)")
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_ROWS)}")
     p.add_argument("--rows", nargs="+", metavar="ROW", help=f"only these, of: {', '.join(keys)}")
     p.add_argument("--eval-every", type=train.in_range(int, 1), default=25, help="steps between dev scores")
@@ -411,7 +411,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     for key in set(args.rows or []) - set(keys):
         p.error(f"--rows: unknown row {key!r}; rows are {', '.join(keys)}")
-    args.minutes = args.minutes or (1.0 if args.quick else 2.5)
+    args.minutes = args.minutes or (1.5 if args.quick else 4.0)
     chosen = args.rows or (QUICK_ROWS if args.quick else keys)
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
