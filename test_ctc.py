@@ -3,11 +3,13 @@
     pytest test_ctc.py
 """
 import argparse
+import dataclasses
 import fcntl
 import gzip
 import hashlib
 import http.server
 import json
+import math
 import os
 import signal
 import socket
@@ -24,6 +26,7 @@ import torch
 from flashlight.lib.text.decoder.kenlm import KenLM
 from flashlight.lib.text.dictionary import create_word_dict
 
+import ablation
 import data
 import decode
 import download
@@ -1039,3 +1042,127 @@ def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():
     # A run at (or within a point of) 0% has converged: no stalled-run warning and list of bugs.
     assert train.diagnose(["the cat"], [90.0, 0.0, 0.0, 0.0, 0.0], 900, args) is None
     assert train.diagnose(["the cat"], [90.0, 0.8, 0.9, 0.8, 0.8], 900, args) is None
+
+
+# ------------------------------------------------------------------------------ ablation.py
+# What each row must change, relative to the row it is compared with: the recipe for direction b,
+# the previous row for direction a (its first row, the reported model, against the recipe).
+ABLATION_CHANGES = {
+    "a0-reported": {"features", "front_end", "rnn", "hidden", "letters_only", "time_stride", "rnn_layers",
+                    "rnn_hidden", "speed_perturb", "freq_warp", "lr", "warmup_steps", "grad_clip",
+                    "weight_decay"},
+    "a1-log-norm": {"features"}, "a2-relu": {"hidden"}, "a3-space": {"letters_only"},
+    "a4-stride": {"time_stride"}, "a5-lr": {"lr", "warmup_steps", "grad_clip", "weight_decay"},
+    "a6-bigru": {"rnn"}, "a7-size": {"rnn_layers", "rnn_hidden"},
+    "recipe": {"front_end", "hidden", "speed_perturb", "freq_warp"},
+    "b-softmax": {"hidden"}, "b-power": {"features"}, "b-no-norm": {"features"},
+    "b-no-space": {"letters_only"}, "b-stride1": {"time_stride"}, "b-adam1e-4": {"lr", "warmup_steps"},
+    "b-no-clip": {"grad_clip"}, "b-len-padded": {"ctc_lengths"}, "b-len-stride": {"ctc_lengths"},
+    "b-len-halved": {"ctc_lengths"}, "b-time-major": {"rnn"}, "b-lr-3e-2": {"lr"}, "b-dropout": {"dropout"},
+}
+
+
+def ablation_settings(name):
+    """A row's model config and train.py flags as one flat dict."""
+    model, flags = ablation.build(name)
+    config = model.config if model is not None else ablation.AblationConfig(
+        **dataclasses.asdict(train.model_config(train.get_args(flags))))
+    return {**vars(train.get_args(flags)), **dataclasses.asdict(config)}
+
+
+def test_each_ablation_row_changes_exactly_the_cause_it_names():
+    names = list(ablation.all_rows())
+    assert set(names) == set(ABLATION_CHANGES)
+    for name in names:
+        before = "recipe" if name.startswith("b-") or name == "a0-reported" else \
+            names[names.index(name) - 1]
+        now, then = ablation_settings(name), ablation_settings(before)
+        changed = {k for k in now if now[k] != then[k]}
+        assert changed == ABLATION_CHANGES[name], name
+
+
+@pytest.mark.parametrize("name", list(ablation.all_rows()))
+def test_each_ablation_variant_trains_a_step_and_carries_its_mistake(name):
+    torch.manual_seed(0)
+    model, flags = ablation.build(name)
+    model = model or CTCModel(train.model_config(train.get_args(flags)))
+    texts = ["abcabc", "cab", "ba"]
+    waves = [torch.from_numpy(tones(t)) for t in texts]
+    batch = data.collate([(w, torch.tensor([data.CHAR_TO_ID[c] for c in t]), t, t)
+                          for w, t in zip(waves, texts)])
+    model.eval()  # no speed perturbation: the lengths below are the conv arithmetic's
+    log_probs, lengths = model(batch["waves"], batch["wave_lengths"])
+    alone = [model(w[None], torch.tensor([len(w)]))[0].shape[1] for w in waves]
+    mistake = getattr(model.config, "ctc_lengths", "conv")
+    expected = {"conv": alone, "padded": [log_probs.shape[1]] * 3, "halved": [n // 2 for n in alone],
+                "frames": [n * math.prod(TIME_STRIDES[model.config.time_stride]) for n in alone]}[mistake]
+    assert lengths.tolist() == expected
+    assert model.output_lengths(batch["wave_lengths"]).tolist() == alone  # what filter_trainable uses
+    if getattr(model.config, "letters_only", False):  # space and apostrophe can never be emitted
+        assert (log_probs[:, :, [data.CHAR_TO_ID[" "], data.CHAR_TO_ID["'"]]] == ablation.IMPOSSIBLE).all()
+    if mistake == "frames":  # PyTorch itself refuses lengths past the output
+        with pytest.raises(RuntimeError, match="input_lengths"):
+            torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths,
+                                         batch["target_lengths"])
+        return
+    model.train()
+    log_probs, lengths = model(batch["waves"], batch["wave_lengths"])
+    loss = torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths,
+                                        batch["target_lengths"], zero_infinity=True)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                        if p.grad is not None)
+    hidden = getattr(model.config, "hidden", "")
+    assert any(isinstance(m, torch.nn.Softmax) for m in model.modules()) == (hidden == "softmax")
+    if getattr(model.config, "rnn", "bigru") == "time-major":
+        assert not any(m.batch_first for m in model.modules() if isinstance(m, torch.nn.GRU))
+
+
+def test_ablation_features_are_what_each_row_says():
+    wave = torch.from_numpy(tones("abcdef"))[None]
+    features = {}
+    for name in ("recipe", "b-power", "b-no-norm"):
+        model, flags = ablation.build(name)
+        model = (model or CTCModel(train.model_config(train.get_args(flags)))).eval()
+        features[name] = model.features(wave, torch.tensor([wave.shape[1]]))[0]
+    assert abs(float(features["recipe"].mean())) < 1e-3  # normalized per utterance and per bin
+    assert float(features["b-power"].min()) >= 0 and float(features["b-power"].max()) < 1e4
+    assert float(features["b-no-norm"].mean()) < -3  # log energies, not centred
+    assert torch.allclose(features["b-no-norm"].exp() - 1e-6, features["b-power"], rtol=1e-3, atol=1e-6)
+
+
+def test_the_ablation_recipe_is_the_readme_recipe():
+    readme = (HERE / "README.md").read_text()
+    command = readme[readme.index("time python train.py --data AN4/train"):].split("\n    python", 1)[0]
+    flags = command.replace("\\\n", " ").split()[3:]
+    assert flags[:4] == ["--data", "AN4/train", "--dev", "AN4/dev"]
+    flags = flags[4:]
+    for reporting in ("--log-every", "--eval-every"):  # how often it reports, not what it trains
+        at = flags.index(reporting)
+        del flags[at:at + 2]
+    assert flags == ablation.RECIPE
+
+
+def test_ablation_writes_its_table_and_continues_a_stopped_one(tmp_path, capsys):
+    train_dir, dev_dir = make_corpus(tmp_path, 8, 3)
+    out = tmp_path / "ablation"
+    argv = ["--data", str(train_dir), "--dev", str(dev_dir), "--out", str(out), "--eval-every", "2",
+            "--rows", "b-no-space", "b-len-stride", "--minutes"]
+    ablation.main(argv + ["0.01"])
+    results = json.loads((out / "results.json").read_text())
+    no_space, crashed = results["rows"]
+    assert no_space["row"] == "b-no-space" and no_space["steps"] >= 1 and 0 <= no_space["letter_cer"]
+    assert len(no_space["gru_std"]) == 3 and "rnn0" in no_space["grad_norms"]
+    targets = (out / "letters-only" / "train.tsv").read_text().splitlines()
+    assert targets and all(line.split("\t")[1].isalpha() for line in targets)  # no space, no apostrophe
+    assert "input_lengths" in crashed["error"]
+    table = (out / "table.md").read_text()
+    assert "| b-no-space |" in table and "| b-len-stride |" in table and "RuntimeError" in table
+    metrics = [json.loads(line) for line in (out / "b-no-space" / "metrics.jsonl").read_text().splitlines()]
+    assert "dev_cer" in metrics[-1] and (out / "b-no-space" / "last.pt").exists()  # ended by the clock
+    assert "--max-minutes 0.01 reached" in (out / "b-no-space" / "train.log").read_text()
+    ablation.main(argv + ["0.01"])  # a second run keeps the rows it has
+    assert "already in" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == results
+    with pytest.raises(SystemExit, match="--minutes 0.01"):  # rows of another budget do not mix
+        ablation.main(argv + ["0.02"])
