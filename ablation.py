@@ -402,11 +402,11 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", required=True, help="training corpora, as train.py takes them")
     p.add_argument("--dev", nargs="+", required=True, help="dev corpora: every row is scored on them")
     p.add_argument("--out", type=Path, required=True, help="folder for the tables, figure and row runs")
-    p.add_argument("--minutes", type=train.in_range(float, 0, low_open=True), default=None,
+    p.add_argument("--minutes", type=data.in_range(float, 0, low_open=True), default=None,
                    help="training minutes per row (default 4, --quick 1.5)")
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_ROWS)}")
     p.add_argument("--rows", nargs="+", metavar="ROW", help=f"only these, of: {', '.join(keys)}")
-    p.add_argument("--eval-every", type=train.in_range(int, 1), default=25, help="steps between dev scores")
+    p.add_argument("--eval-every", type=data.in_range(int, 1), default=25, help="steps between dev scores")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for key in set(args.rows or []) - set(keys):

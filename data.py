@@ -8,9 +8,11 @@ with the .flac files beside it) or a TSV manifest (audio path<TAB>transcript, pa
 the manifest). Utterances are batched by total padded audio seconds from length-sorted
 buckets; the batch order is reshuffled every epoch from (seed, epoch), so it can be replayed.
 """
+import argparse
 import collections
 import hashlib
 import json
+import math
 import os
 import sys
 import unicodedata
@@ -26,7 +28,7 @@ from model import SAMPLE_RATE, WINDOW  # the model computes features at this rat
 VOCAB = ["_", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]  # "_" is the blank
 BLANK = 0                                                   # CTCLoss(blank=0)
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
-AUDIO_SUFFIXES = (".flac", ".wav")
+AUDIO_SUFFIXES = (".flac", ".wav")  # the one rule everywhere: these are audio, any other file a manifest
 TOO_SHORT = f"shorter than one analysis window ({1000 * WINDOW // SAMPLE_RATE} ms)"
 LAYOUTS = ("a LibriSpeech-layout directory (<speaker>/<chapter>/<speaker>-<chapter>.trans.txt "
            "beside the .flac files) or a TSV manifest (audio path<TAB>transcript)")
@@ -36,6 +38,29 @@ SEPARATORS = str.maketrans({"-": " ", "\u2014": " ", "\u2013": " ", "_": " ", "/
 
 class DataError(Exception):
     """A problem with the user's data that stops the run; the message says what to do."""
+
+
+def in_range(kind, low, high=math.inf, low_open=False):
+    """An argparse type for train.py's and decode.py's flags: a number in [low, high), or (low, high)."""
+    def parse(text):
+        value = kind(text)
+        if not (low < value if low_open else low <= value) or not value < high:  # NaN fails too
+            bounds = f"{'(' if low_open else '['}{low}, {high})"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+    return parse
+
+
+def device(text):
+    """An argparse type: a torch device that exists here, checked before anything is written."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that PyTorch can use; "
+                                         f"use --device cpu")
+    return text
 
 
 def normalize(text):
@@ -71,16 +96,19 @@ def _files_under(root, skip):
         yield from (Path(folder) / name for name in sorted(files))
 
 
-def _read_lines(path):
+def read_lines(path, expected=LAYOUTS):
     """The lines of a UTF-8 text file (a byte-order mark is dropped), or DataError naming the
-    file and the line that is not UTF-8."""
+    file and the line that is not UTF-8, or that it is binary, and what was expected."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8-sig").splitlines()
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8. "
-                        f"Expected {LAYOUTS}.") from None
+                        f"Expected {expected}.") from None
+    if "\0" in text:
+        raise DataError(f"{path}: a binary file, not text. Expected {expected}.")
+    return text.splitlines()
 
 
 def _read_librispeech(files, skip):
@@ -88,7 +116,7 @@ def _read_librispeech(files, skip):
     items = []
     for trans in (f for f in files if f.name.endswith(".trans.txt")):
         try:
-            lines = _read_lines(trans)
+            lines = read_lines(trans)
         except OSError:
             skip("transcript file not readable", trans)
             continue
@@ -102,15 +130,17 @@ def _read_librispeech(files, skip):
 def _read_manifest(path):
     items = []
     try:
-        lines = _read_lines(path)
+        lines = read_lines(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     for line_no, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
-        audio, tab, text = line.partition("\t")
-        if not tab:
-            raise DataError(f"{path}:{line_no}: expected 'audio path<TAB>transcript', got {line[:80]!r}")
+        columns = line.split("\t")
+        if len(columns) != 2:  # a third column would otherwise end up in the transcript
+            raise DataError(f"{path}:{line_no}: expected two tab-separated columns, 'audio path<TAB>"
+                            f"transcript', got {len(columns)}: {line[:80]!r}")
+        audio, text = columns
         audio = Path(audio)
         audio = audio if audio.is_absolute() else path.parent / audio
         items.append((audio.stem, audio, text))
@@ -127,12 +157,14 @@ def _audio_info(paths):
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
+    cache = cache if isinstance(cache, dict) else {}  # valid JSON of another shape: rebuilt
     info, changed = {}, False
     for p in paths:
         st = p.stat()
         stamp = [st.st_size, st.st_mtime_ns]
         entry = cache.get(str(p))
-        if entry is None or entry[0] != stamp:
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp
+                and (entry[1] is None or isinstance(entry[1], list) and len(entry[1]) == 2)):
             try:
                 header = soundfile.info(str(p))
                 entry = [stamp, [header.frames, header.samplerate]]
@@ -165,6 +197,8 @@ def read_corpus(paths, log=print):
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            raise DataError(f"{path} is an audio file, not a corpus. Expected {LAYOUTS}.")
         files = list(_files_under(path, skip)) if path.is_dir() else []
         items = _read_librispeech(files, skip) if path.is_dir() else _read_manifest(path)
         if not items:
@@ -184,7 +218,9 @@ def read_corpus(paths, log=print):
         for utt_id, audio, raw in present:
             text, dropped = normalize(raw)
             stats["characters dropped by normalization"] += dropped
-            if info[audio] is None:
+            if any(c.isdigit() for c in raw):  # dropping them would leave a label the audio does not say
+                skip("transcript holds digits (spell numbers out)", audio)
+            elif info[audio] is None:
                 skip("not readable as audio", audio)
             elif info[audio][0] == 0:
                 skip("zero-length audio", audio)

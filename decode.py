@@ -16,10 +16,13 @@ Recordings longer than --chunk-seconds are cut at their quietest point near each
 end, decoded chunk by chunk, and the text joined in order.
 """
 import argparse
+import collections
 import functools
+import math
 import gzip
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,9 @@ SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to c
 TOKENS = ["|" if symbol == " " else symbol for symbol in data.VOCAB]
 # Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
 BEAM_DEFAULTS = {"beam_size": 100, "lm_weight": 1.5, "word_score": 0.5}
+# Past a few thousand hypotheses a wider beam only costs memory (1e9 took 24 GB before it was
+# killed); LibriSpeech recipes search with beams of 50-1,500.
+MAX_BEAM = 10_000
 
 
 def greedy_decode(log_probs, out_lengths):
@@ -47,27 +53,38 @@ def greedy_decode(log_probs, out_lengths):
 
 
 def read_lm_words(path):
-    """The words of an ARPA file's unigrams (plain or gzipped), for the default lexicon."""
+    """The words of an ARPA file's unigrams (plain or gzipped), for the default lexicon, or None
+    for a KenLM binary, whose words cannot be listed."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        if f.read(8) == b"mmap lm ":
-            raise ValueError(f"{path} is a KenLM binary, whose words cannot be listed here: "
-                             f"pass the words it may output with --lexicon")
+    try:
+        with opener(path, "rb") as f:
+            if f.read(8) == b"mmap lm ":
+                return None
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            return arpa_unigrams(f, path)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, or not gzip under a .gz name
+        raise ValueError(f"{path}: not a complete gzip file ({e}); download or build it again") from None
+
+
+def arpa_unigrams(lines, path):
+    """The words of the 1-grams section of an ARPA file's lines."""
     words, section = [], None
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if section is None and line and line != "\\data\\":
-                raise ValueError(f"{path}:{line_no}: expected an ARPA file, which opens with \\data\\")
-            if line.startswith("\\"):
-                if section == "\\1-grams:":
-                    break
-                section = line
-            elif section == "\\1-grams:" and line:
-                fields = line.split()
-                if len(fields) < 2:
-                    raise ValueError(f"{path}:{line_no}: expected 'log10 p<TAB>word', got {line[:60]!r}")
-                words.append(fields[1])
+    for line_no, line in enumerate(lines, 1):
+        line = line.strip()
+        if section is None and line.startswith("\ufeff"):
+            raise ValueError(f"{path}: starts with a UTF-8 byte-order mark, which KenLM cannot read: "
+                             f"save it without one")
+        if section is None and line and line != "\\data\\":
+            raise ValueError(f"{path}:{line_no}: expected an ARPA file, which opens with \\data\\")
+        if line.startswith("\\"):
+            if section == "\\1-grams:":
+                break
+            section = line
+        elif section == "\\1-grams:" and line:
+            fields = line.split()
+            if len(fields) < 2:
+                raise ValueError(f"{path}:{line_no}: expected 'log10 p<TAB>word', got {line[:60]!r}")
+            words.append(fields[1])
     if section is None:
         raise ValueError(f"{path} is empty: expected an ARPA file")
     return [w for w in words if w not in ("<s>", "</s>", "<unk>")]
@@ -76,8 +93,11 @@ def read_lm_words(path):
 def read_lexicon(path):
     """The first field of each line: a character model spells a word by its letters, so other
     fields (librispeech-lexicon.txt's pronunciations, our lexicon's spellings) are not needed."""
-    return [line.split()[0] for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-            if line.strip()]
+    try:
+        lines = data.read_lines(path, expected="a lexicon: a word first on each line")
+    except data.DataError as e:
+        raise ValueError(str(e)) from None
+    return [line.split()[0] for line in lines if line.strip()]
 
 
 def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
@@ -85,7 +105,18 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
     Every file is read and checked here, before any audio is decoded."""
     from torchaudio.models.decoder import ctc_decoder  # needs flashlight-text
     source = lexicon or lm
-    words = read_lexicon(lexicon) if lexicon else read_lm_words(lm)
+    lm_words = read_lm_words(lm) if lm else None
+    if not lexicon and lm_words is None:
+        raise ValueError(f"{lm} is a KenLM binary, whose words cannot be listed here: pass the words it "
+                         f"may output with --lexicon")
+    words = read_lexicon(lexicon) if lexicon else lm_words
+    if lexicon and lm_words is not None:  # a word the LM lacks is scored as <unk>, as if misspelled
+        known = set(lm_words)
+        unknown = [w for w in words if w not in known]
+        if len(unknown) > len(words) / 2:
+            raise ValueError(f"{len(unknown):,} of the {len(words):,} words of {lexicon} are not in {lm} "
+                             f"(e.g. {', '.join(unknown[:3])}; the LM has {', '.join(lm_words[:3])}): is one in "
+                             f"upper case and the other in lower? Use a lexicon written in the LM's spelling")
     # Decoder words stay as the LM writes them ("HELLO" in LibriSpeech's); spelled in our vocabulary.
     spellings = {w: data.normalize(w)[0] for w in words}
     spellings = {w: s for w, s in spellings.items() if s and " " not in s}
@@ -158,10 +189,13 @@ def split_chunks(wave, chunk_seconds):
 
 
 def resolve_inputs(paths):
-    """Inputs -> list of (id, audio path, reference text or None); problems go to stderr."""
+    """Inputs -> list of (id, audio path, reference text or None); problems go to stderr. A file
+    is audio if its name ends in data.AUDIO_SUFFIXES, else a manifest, as for train.py. An id is
+    the file's name (or the corpus's utterance id); ids that two inputs share become their paths."""
     utterances = []
     for path in map(Path, paths):
-        if path.is_dir() and any(path.rglob("*.trans.txt")) or path.suffix == ".tsv":
+        manifest = path.is_file() and path.suffix.lower() not in data.AUDIO_SUFFIXES
+        if manifest or path.is_dir() and any(path.rglob("*.trans.txt")):
             try:
                 corpus = data.read_corpus([path], log=lambda m: print(m, file=sys.stderr))
             except data.DataError as e:
@@ -178,7 +212,8 @@ def resolve_inputs(paths):
             utterances.append((path.stem, str(path), None))
         else:
             print(f"error: {path}: no such file or directory", file=sys.stderr)
-    return utterances
+    shared = {i for i, count in collections.Counter(i for i, _, _ in utterances).items() if count > 1}
+    return [(str(path) if i in shared else i, path, ref) for i, path, ref in utterances]
 
 
 @torch.no_grad()
@@ -210,28 +245,24 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="best.pt or last.pt written by train.py")
     parser.add_argument("inputs", nargs="+", help="audio files, directories or TSV manifests")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
-    parser.add_argument("--chunk-seconds", type=float, default=30.0,
-                        help="longer audio is decoded in chunks cut at pauses")
+    finite = data.in_range(float, -math.inf, low_open=True)
+    parser.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-seconds", type=data.in_range(float, 0, low_open=True), default=300.0,
+                        help="padded audio per batch")
+    parser.add_argument("--chunk-seconds", type=data.in_range(float, SEARCH_SECONDS, 24 * 3600, low_open=True),
+                        default=30.0, help="longer audio is decoded in chunks cut at pauses")
     beam = parser.add_argument_group("beam search (with --lm or --lexicon; the default is greedy)")
     beam.add_argument("--lm", type=Path, help="word n-gram LM: ARPA (.arpa, .arpa.gz) or KenLM binary")
     beam.add_argument("--lexicon", type=Path, help="the words it may output, the first on each line "
                                                    "(default: the LM's words)")
-    beam.add_argument("--beam-size", type=int, help=f"default {BEAM_DEFAULTS['beam_size']}")
-    beam.add_argument("--lm-weight", type=float, help=f"default {BEAM_DEFAULTS['lm_weight']}")
-    beam.add_argument("--word-score", type=float,
-                      help=f"added per word; default {BEAM_DEFAULTS['word_score']}")
+    beam.add_argument("--beam-size", type=data.in_range(int, 1, MAX_BEAM + 1),
+                      help=f"default {BEAM_DEFAULTS['beam_size']}, at most {MAX_BEAM:,}")
+    beam.add_argument("--lm-weight", type=finite, help=f"default {BEAM_DEFAULTS['lm_weight']}")
+    beam.add_argument("--word-score", type=finite, help=f"added per word; default {BEAM_DEFAULTS['word_score']}")
     args = parser.parse_args(argv)
-    if args.chunk_seconds <= SEARCH_SECONDS:
-        parser.error(f"--chunk-seconds must be more than {SEARCH_SECONDS}")
-    if not args.batch_seconds > 0:
-        parser.error("--batch-seconds must be more than 0")
     settings = {name: getattr(args, name) for name in BEAM_DEFAULTS}
     if not (args.lm or args.lexicon) and any(v is not None for v in settings.values()):
         parser.error("--beam-size, --lm-weight and --word-score need --lm or --lexicon")
-    if settings["beam_size"] is not None and settings["beam_size"] < 1:
-        parser.error("--beam-size must be at least 1")
     decode = greedy_decode
     if args.lm or args.lexicon:
         settings = {name: BEAM_DEFAULTS[name] if v is None else v for name, v in settings.items()}
@@ -244,7 +275,12 @@ def main(argv=None):
     device = torch.device(args.device)
     try:
         model, _ = build_from_checkpoint(args.checkpoint)
-    except Exception as e:  # a missing, truncated or foreign file fails in many ways
+    except FileNotFoundError:
+        last = Path(args.checkpoint).with_name("last.pt")
+        sys.exit(f"error: {args.checkpoint}: no such file" + (
+            f"; no evaluation has run yet in that run (best.pt is written by each one), but {last} is "
+            f"there: decode that" if Path(args.checkpoint).name == "best.pt" and last.exists() else ""))
+    except Exception as e:  # a truncated or foreign file fails in many ways
         sys.exit(f"error: {args.checkpoint} is not a readable checkpoint written by train.py "
                  f"({type(e).__name__}: {e})")
     model.to(device).eval()

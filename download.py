@@ -14,11 +14,13 @@ needed to download, so this runs before anything else is installed.
 """
 import argparse
 import collections
+import gzip
 import hashlib
 import math
 import shutil
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -90,12 +92,22 @@ def fetch_archive(url, archive):
                             f"the {have:,} bytes in {archive} (or pick another --base-url).") from None
 
 
-def md5_of(path):
-    digest = hashlib.md5()
+def digest_of(path, digest):
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
+
+
+def already_there(final, pattern):
+    """True if final is a finished download (a folder holding pattern); False if it is absent or
+    an empty folder (replaced); DownloadError, before any download, if it is something else."""
+    if final.is_dir() and any(final.rglob(pattern)):
+        return True
+    if final.exists() and not (final.is_dir() and not any(final.iterdir())):
+        raise DownloadError(f"{final} exists but is not a finished download (no {pattern} in it); move it "
+                            f"away or pick another --root. Nothing was downloaded.")
+    return False
 
 
 def extract(archive, staging):
@@ -113,36 +125,21 @@ def extract(archive, staging):
 
 
 # ----------------------------------------------------------------------------- LibriSpeech
-def mirror_checksums(base_url):
-    """{subset: md5} from md5sum.txt beside the archives, as OpenSLR publishes it."""
-    url = f"{base_url}/md5sum.txt"
-    try:
-        lines = urllib.request.urlopen(url, timeout=60).read().decode().splitlines()
-        pairs = (line.split() for line in lines if line.strip())
-        return {name.removesuffix(".tar.gz"): md5 for md5, name in pairs}
-    except (OSError, urllib.error.URLError) as e:
-        raise DownloadError(f"cannot read {url} ({e}): --base-url must serve the archives and "
-                            f"md5sum.txt, as {LIBRISPEECH_MIRROR} does") from None
-    except (ValueError, UnicodeDecodeError):
-        raise DownloadError(f"{url} is not a list of 'md5 name' lines: is --base-url "
-                            f"a LibriSpeech mirror?") from None
-
-
 def download_librispeech(subsets, root, base_url):
-    """Fetch, verify and extract LibriSpeech subsets into root/LibriSpeech/<subset>."""
-    checksums = PUBLISHED_MD5 if base_url == LIBRISPEECH_MIRROR else mirror_checksums(base_url)
+    """Fetch, verify and extract LibriSpeech subsets into root/LibriSpeech/<subset>. Every archive
+    is checked against OpenSLR's published MD5, whichever mirror served it."""
     for subset in subsets:
         final = root / "LibriSpeech" / subset
-        if final.is_dir():
+        if already_there(final, "*.trans.txt"):
             print(f"{final} is already there; skipping {subset}", file=sys.stderr)
             continue
         archive = root / f"{subset}.tar.gz.part"
         fetch_archive(f"{base_url}/{subset}.tar.gz", archive)
-        actual = md5_of(archive)
-        if actual != checksums.get(subset):
+        actual = digest_of(archive, hashlib.md5())
+        if actual != PUBLISHED_MD5[subset]:
             archive.unlink()
-            raise DownloadError(f"{subset}.tar.gz from {base_url} has MD5 {actual}, expected "
-                                f"{checksums.get(subset)}; the bad file was removed and nothing was "
+            raise DownloadError(f"{subset}.tar.gz from {base_url} has MD5 {actual}, OpenSLR publishes "
+                                f"{PUBLISHED_MD5[subset]}; the bad file was removed and nothing was "
                                 f"extracted. Run the command again, or pick another mirror with --base-url.")
         staging = root / f".extracting-{subset}"
         extract(archive, staging)
@@ -151,6 +148,8 @@ def download_librispeech(subsets, root, base_url):
             raise DownloadError(f"{archive} does not hold LibriSpeech/{subset}/; nothing was moved "
                                 f"into {root}")
         final.parent.mkdir(exist_ok=True)
+        if final.is_dir():
+            final.rmdir()  # already_there() found it empty
         for item in (staging / "LibriSpeech").iterdir():  # the subset and README/SPEAKERS files
             if not (final.parent / item.name).exists():
                 item.rename(final.parent / item.name)
@@ -160,11 +159,17 @@ def download_librispeech(subsets, root, base_url):
 
 
 LIBRISPEECH_LM_MIRROR = "https://www.openslr.org/resources/11"
-# LibriSpeech's word n-gram LMs and word list (openslr.org/11), upper case as its transcripts.
-# OpenSLR publishes their sizes, not checksums (Kaldi's LibriSpeech recipe checks the same sizes).
+# LibriSpeech's word n-gram LMs and word list (openslr.org/11), upper case as its transcripts:
+# {file: (bytes, SHA-256)}. OpenSLR publishes the sizes (Kaldi's LibriSpeech recipe checks the same)
+# but no checksums; the SHA-256s are those RWTH's recipes check the official files against
+# (rwth-i6/i6_experiments, common/datasets/librispeech/: language_model.py for 4-gram.arpa.gz,
+# lexicon.py for the lexicon; 3-gram.pruned.1e-7 from a recipe built on them).
 LIBRISPEECH_LM_FILES = {
-    "librispeech-lm": {"3-gram.pruned.1e-7.arpa.gz": 34_094_057, "librispeech-lexicon.txt": 5_627_646},
-    "librispeech-4gram": {"4-gram.arpa.gz": 1_355_172_078},
+    "librispeech-lm": {
+        "3-gram.pruned.1e-7.arpa.gz": (34_094_057, "71dd880667cb6ea3942bb1982988c91fb1208839a21911eeec7e31c857c4bdfb"),
+        "librispeech-lexicon.txt": (5_627_646, "d722bc29908cd338ae738edd70f61826a6fca29aaa704a9493f0006773f79d71")},
+    "librispeech-4gram": {
+        "4-gram.arpa.gz": (1_355_172_078, "f2b2d1507637ddf459d3579159f7e8099ed7d77452ff1059aeeeaea33d274613")},
 }
 
 
@@ -173,18 +178,19 @@ def download_librispeech_lm(name, root, base_url):
     decode.py read the gzipped ARPA files as they are)."""
     folder = root / "LibriSpeech" / "lm"
     folder.mkdir(parents=True, exist_ok=True)
-    for file_name, size in LIBRISPEECH_LM_FILES[name].items():
+    for file_name, (size, sha256) in LIBRISPEECH_LM_FILES[name].items():
         final = folder / file_name
         if final.exists():
             print(f"{final} is already there; skipping it", file=sys.stderr)
             continue
         part = folder / f"{file_name}.part"
         fetch_archive(f"{base_url}/{file_name}", part)
-        if part.stat().st_size != size:
-            actual = part.stat().st_size
+        actual = (part.stat().st_size, digest_of(part, hashlib.sha256()))
+        if actual != (size, sha256):
             part.unlink()
-            raise DownloadError(f"{file_name} from {base_url} has {actual:,} bytes, OpenSLR's has {size:,}; "
-                                f"the file was removed. Run the command again, or try another --base-url.")
+            raise DownloadError(f"{file_name} from {base_url} is not OpenSLR's ({actual[0]:,} bytes, SHA-256 "
+                                f"{actual[1]}; expected {size:,}, {sha256}); the file was removed. Run the "
+                                f"command again, or try another --base-url.")
         part.rename(final)
         print(f"{final}: ready", file=sys.stderr)
 
@@ -246,32 +252,45 @@ def convert_an4(source, target):
             by_folder.setdefault(folder, []).append(f"{utt_id} {text}\n")
         for folder, lines in by_folder.items():
             (folder / f"{folder.parent.name}-an4.trans.txt").write_text("".join(lines))
+    expected = {target / split / speaker / "an4" / name for split, items in splits.items()
+                for _, speaker, utt_id, _ in items for name in (f"{utt_id}.flac", f"{speaker}-an4.trans.txt")}
+    found = {p for p in target.rglob("*") if p.is_file()}
+    if found != expected:  # the lists were checked; this checks the tree that was written
+        raise DownloadError(f"the corpus written holds {len(found)} files where AN4's lists name "
+                            f"{len(expected)} (e.g. {sorted(map(str, found ^ expected))[:2]})")
     return sizes
 
 
 def download_an4(root, base_url):
     """Fetch AN4, check it, and write root/AN4/{train,dev,test} as 16 kHz FLAC + .trans.txt."""
     final = root / "AN4"
-    if final.is_dir():
+    if already_there(final, "*.trans.txt"):
         print(f"{final} is already there; skipping an4", file=sys.stderr)
         return
     archive = root / f"{AN4_ARCHIVE}.part"
     fetch_archive(f"{base_url}/{AN4_ARCHIVE}", archive)
-    staging = root / ".extracting-an4"
-    extract(archive, staging)
+    # The archive is extracted in one place and the corpus written in another, so that nothing
+    # the archive holds beyond AN4's lists can end up in the corpus.
+    extracted, written = root / ".extracting-an4", root / ".writing-an4"
+    extract(archive, extracted)
     try:
-        if not (staging / "an4" / "etc").is_dir():
+        if not (extracted / "an4" / "etc").is_dir():
             raise DownloadError(f"{archive} does not hold an4/etc and an4/wav")
-        counts = convert_an4(staging / "an4", staging / "AN4")
+        shutil.rmtree(written, ignore_errors=True)
+        counts = convert_an4(extracted / "an4", written / "AN4")
     except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        for folder in (extracted, written):
+            shutil.rmtree(folder, ignore_errors=True)
         if not isinstance(e, DownloadError):
             raise
         archive.unlink()  # it is not AN4: the next run must download anew, not resume it
         raise DownloadError(f"{e}. {archive} was removed and nothing was written; run the command "
                             f"again, or try another --base-url.") from None
-    (staging / "AN4").rename(final)
-    shutil.rmtree(staging)
+    if final.is_dir():
+        final.rmdir()  # already_there() found it empty
+    (written / "AN4").rename(final)
+    for leftover in (extracted, written):
+        shutil.rmtree(leftover)
     archive.unlink()
     print(f"{final}: ready ({', '.join(f'{split} {n}' for split, n in sorted(counts.items()))} utterances)",
           file=sys.stderr)
@@ -296,11 +315,14 @@ def read_sentences(paths):
                 lines = file.read_text(encoding="utf-8-sig").splitlines()
             except (OSError, UnicodeDecodeError) as e:
                 raise DownloadError(f"{file}: cannot read it as UTF-8 text ({e})") from None
-            for line in lines:
+            for line_no, line in enumerate(lines, 1):
                 if file.name.endswith(".trans.txt"):
                     line = line.partition(" ")[2]  # after the utterance id
-                elif file.suffix == ".tsv":
-                    line = "" if line.startswith("#") else line.partition("\t")[2]
+                elif file.suffix == ".tsv" and line.strip() and not line.startswith("#"):
+                    if line.count("\t") != 1:  # as data.py reads manifests
+                        raise DownloadError(f"{file}:{line_no}: expected two tab-separated columns, "
+                                            f"'audio path<TAB>transcript'")
+                    line = line.partition("\t")[2]
                 words = normalize(line)[0].split()
                 if words:
                     yield words
@@ -360,16 +382,31 @@ def write_arpa(model, path):
     lines += ["", "\\end\\", ""]
     words = sorted(g[0] for g in model[0] if g[0] not in ("<s>", "</s>", "<unk>"))
     lexicon = "".join(f"{word}\t{' '.join(word)}\n" for word in words)
-    for target, text in ((path, "\n".join(lines)), (path.with_suffix(".lexicon.txt"), lexicon)):
+    for target, text in zip(lm_outputs(path), ("\n".join(lines), lexicon)):
         partial = target.with_name(target.name + ".part")
-        partial.write_text(text)
+        with (gzip.open if target.suffix == ".gz" else open)(partial, "wt", encoding="utf-8") as f:
+            f.write(text)
         partial.replace(target)
 
 
+def lm_outputs(path):
+    """The ARPA file (gzipped if its name ends in .gz) and its lexicon beside it."""
+    return path, path.with_suffix(".lexicon.txt")
+
+
 def build_lm(text_paths, out, order):
-    if out.exists():
-        raise DownloadError(f"{out} already exists; remove it or pick another --lm-out")
-    model = kneser_ney(read_sentences(text_paths), order)
+    """Every file it would write is checked before any work: none may exist, their folder must."""
+    taken = [str(p) for p in lm_outputs(out) if p.exists()]
+    if taken:
+        raise DownloadError(f"{' and '.join(taken)} already exist{'s' * (len(taken) == 1)}; nothing was "
+                            f"written. Remove {'it' if len(taken) == 1 else 'them'} or pick another --lm-out.")
+    if not out.parent.is_dir():
+        raise DownloadError(f"--lm-out {out}: the folder {out.parent} does not exist; create it first")
+    sentences = list(read_sentences(text_paths))
+    if not sentences:
+        raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled with a-z and apostrophes "
+                            f"to build an LM from (digits and other symbols are dropped); nothing was written")
+    model = kneser_ney(sentences, order)
     write_arpa(model, out)
     print(f"{out}: {', '.join(f'{len(grams):,} {n}-grams' for n, grams in enumerate(model, 1))}; "
           f"lexicon {out.with_suffix('.lexicon.txt')}", file=sys.stderr)
@@ -384,9 +421,9 @@ def main(argv=None):
                              f"3-gram and word list, 40 MB) and/or librispeech-4gram (1.4 GB)")
     parser.add_argument("--root", default=".", help="folder that will hold AN4/ and LibriSpeech/")
     parser.add_argument("--base-url", help=f"another location of the files (default: {AN4_MIRROR} "
-                                           f"for an4, {LIBRISPEECH_MIRROR} for LibriSpeech, whose "
-                                           f"mirrors serve md5sum.txt beside the archives, "
-                                           f"{LIBRISPEECH_LM_MIRROR} for its LMs)")
+                                           f"for an4, {LIBRISPEECH_MIRROR} for LibriSpeech, "
+                                           f"{LIBRISPEECH_LM_MIRROR} for its LMs); what it serves is "
+                                           f"checked against the official checksums all the same")
     parser.add_argument("--lm-from", nargs="+", metavar="TEXT",
                         help="build a word n-gram LM from these LibriSpeech-layout folders, TSV "
                              "manifests or text files (a sentence per line)")
@@ -403,6 +440,10 @@ def main(argv=None):
     root = Path(args.root)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        try:  # before any download: a partial archive must have somewhere to go
+            tempfile.TemporaryFile(dir=root).close()
+        except OSError as e:
+            raise DownloadError(f"--root {root}: cannot write there ({e.strerror}); pick another --root") from None
         if "an4" in args.corpora:
             download_an4(root, (args.base_url or AN4_MIRROR).rstrip("/"))
         subsets = [c for c in args.corpora if c in PUBLISHED_MD5]
@@ -414,8 +455,11 @@ def main(argv=None):
             build_lm(args.lm_from, args.lm_out, args.lm_order)
     except DownloadError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # a root that cannot be written, a full disk
+    except OSError as e:  # a full disk
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted. Run the same command again: a download continues where it stopped, and "
+                 "nothing half-written is taken for finished.")
 
 if __name__ == "__main__":
     main()

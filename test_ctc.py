@@ -8,6 +8,7 @@ import fcntl
 import gzip
 import hashlib
 import http.server
+import io
 import json
 import math
 import os
@@ -635,7 +636,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)]
     (run / "metrics.jsonl").write_text("".join(lines)
                                        + '{"step": 9, "lo')  # cut short by a kill -9
-    train.claim_run_dir(argparse.Namespace(run_dir=str(run)), 5).close()
+    train.keep_metrics_until(5, run / "metrics.jsonl", run)
     kept = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in kept] == [1, 2, 3, 4, 5]
 
@@ -749,7 +750,8 @@ def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tm
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files_before
     # A run saved before a model option existed (here --speed-perturb) resumes with its default.
     older = {**good, "model_config": {k: v for k, v in good["model_config"].items() if k != "speed_perturb"},
-             "train_config": {k: v for k, v in good["train_config"].items() if k != "speed_perturb"}}
+             "train_config": {**{k: v for k, v in good["train_config"].items() if k != "speed_perturb"},
+                              "epochs": 2}}  # not finished: there is an epoch to continue
     torch.save(older, tmp_path / "run/last.pt")
     resumed = train.main(["--resume", str(tmp_path / "run/last.pt"), "--eval-every", "100"])
     assert resumed.config.speed_perturb is False
@@ -896,24 +898,29 @@ def test_batches_are_split_across_ranks_without_duplicates():
     assert all(sum(1 for _ in b) * max(seconds[i] for i in b) <= 60 for b in single if len(b) > 1)
 
 
-def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_path):
+def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_path, monkeypatch):
     source = tmp_path / "source"
     write_librispeech(source / "LibriSpeech" / "dev-clean", ["abc", "de"])
     (source / "LibriSpeech" / "README.TXT").write_text("LibriSpeech stand-in\n")
     with tarfile.open(tmp_path / "dev-clean.tar.gz", "w:gz") as tar:
         tar.add(source / "LibriSpeech", arcname="LibriSpeech")
     archive = (tmp_path / "dev-clean.tar.gz").read_bytes()
-    server = ArchiveServer({"dev-clean.tar.gz": archive,
-                            "md5sum.txt": f"{hashlib.md5(archive).hexdigest()} dev-clean.tar.gz\n".encode()})
+    server = ArchiveServer({"dev-clean.tar.gz": archive})
     root = tmp_path / "root"
     command = ["download.py", "dev-clean", "--root", root, "--base-url", server.url]
-
+    # The archive is not OpenSLR's, so the published MD5 refuses it, after a complete download.
+    refused = run_script(*command)
+    assert refused.returncode != 0 and download.PUBLISHED_MD5["dev-clean"] in refused.stderr
+    assert not list(root.iterdir())
+    monkeypatch.setattr(download, "PUBLISHED_MD5", {**download.PUBLISHED_MD5,
+                                                    "dev-clean": hashlib.md5(archive).hexdigest()})
+    server.ranges.clear()
     server.cut_after = len(archive) // 2
-    cut = run_script(*command)
-    assert cut.returncode != 0 and "Run the same command again" in cut.stderr
+    with pytest.raises(SystemExit) as cut:
+        download.main(list(map(str, command[1:])))
+    assert "Run the same command again" in str(cut.value)
     assert not (root / "LibriSpeech").exists()
-    done = run_script(*command)
-    assert done.returncode == 0, done.stderr
+    download.main(list(map(str, command[1:])))
     assert server.ranges == [0, len(archive) // 2]  # the second request continued the first
     corpus = data.read_corpus([root / "LibriSpeech" / "dev-clean"], log=lambda m: None)
     assert [u["text"] for u in corpus] == ["abc", "de"]
@@ -921,22 +928,28 @@ def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_pa
     again = run_script(*command)
     assert again.returncode == 0 and "already there" in again.stderr and len(server.ranges) == 2
 
-    server.files["md5sum.txt"] = b"0123456789abcdef0123456789abcdef dev-clean.tar.gz\n"
+    # A mirror that serves a tampered archive with its own matching md5sum.txt: still refused.
+    tampered = archive[:-1] + bytes([archive[-1] ^ 1])
+    server.files.update({"dev-clean.tar.gz": tampered,
+                         "md5sum.txt": f"{hashlib.md5(tampered).hexdigest()} dev-clean.tar.gz\n".encode()})
     other = tmp_path / "other"
-    bad = run_script(*command[:2], "--root", other, "--base-url", server.url)
-    assert bad.returncode != 0 and "MD5" in bad.stderr and "nothing was extracted" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        download.main(["dev-clean", "--root", str(other), "--base-url", server.url])
+    assert "MD5" in str(bad.value) and "nothing was extracted" in str(bad.value)
     assert not (other / "LibriSpeech").exists() and not list(other.iterdir())
 
 
-def test_a_mirror_that_is_unreachable_or_not_a_mirror_is_named_without_a_traceback(tmp_path):
+def test_a_mirror_that_is_unreachable_or_a_root_that_cannot_be_written_is_named(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    server = ArchiveServer({"md5sum.txt": b"this is not a checksum list\n"})
-    for url, problem in [(closed, "cannot read"), (server.url, "not a list of 'md5 name' lines")]:
-        result = run_script("download.py", "dev-clean", "--root", tmp_path / "root", "--base-url", url)
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert problem in result.stderr and f"{url}/md5sum.txt" in result.stderr
+    result = run_script("download.py", "dev-clean", "--root", tmp_path / "root", "--base-url", closed)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{closed}/dev-clean.tar.gz" in result.stderr and "Run the same command again" in result.stderr
+    (tmp_path / "file").write_text("")
+    result = run_script("download.py", "an4", "--root", tmp_path / "file/root", "--base-url", closed)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--root" in result.stderr and "cannot write there" in result.stderr and "continues" not in result.stderr
 
 
 def test_download_an4_writes_librispeech_layout_splits_by_speaker_and_resumes(tmp_path, monkeypatch):
@@ -992,7 +1005,8 @@ def test_download_librispeech_lm_checks_sizes_resumes_and_keeps_files_as_publish
     lexicon = b"HELLO HH AH0 L OW1\nWORLD W ER1 L D\n"
     server = ArchiveServer({"3-gram.pruned.1e-7.arpa.gz": arpa, "librispeech-lexicon.txt": lexicon})
     monkeypatch.setattr(download, "LIBRISPEECH_LM_FILES", {"librispeech-lm": {
-        "3-gram.pruned.1e-7.arpa.gz": len(arpa), "librispeech-lexicon.txt": len(lexicon)}})
+        "3-gram.pruned.1e-7.arpa.gz": (len(arpa), hashlib.sha256(arpa).hexdigest()),
+        "librispeech-lexicon.txt": (len(lexicon), hashlib.sha256(lexicon).hexdigest())}})
     command = ["librispeech-lm", "--root", str(tmp_path), "--base-url", server.url]
     server.cut_after = len(arpa) // 2
     with pytest.raises(SystemExit) as cut:
@@ -1010,10 +1024,11 @@ def test_download_librispeech_lm_checks_sizes_resumes_and_keeps_files_as_publish
     log_probs = letter_frames(*({c: 0.9} if c != "_" else {} for c in "h_e_l_l_o"))
     assert decode.beam_search_decode(decoder, log_probs, torch.tensor([9])) == ["hello"]  # our spelling
 
-    server.files["librispeech-lexicon.txt"] = b"not the file OpenSLR publishes\n"
-    with pytest.raises(SystemExit) as wrong:
-        download.main(["librispeech-lm", "--root", str(tmp_path / "other"), "--base-url", server.url])
-    assert "bytes" in str(wrong.value) and not list((tmp_path / "other/LibriSpeech/lm").glob("*lexicon*"))
+    for tampered in (b"not the file OpenSLR publishes\n", lexicon.replace(b"HELLO", b"HALLO")):  # same size
+        server.files["librispeech-lexicon.txt"] = tampered
+        with pytest.raises(SystemExit) as wrong:
+            download.main(["librispeech-lm", "--root", str(tmp_path / "other"), "--base-url", server.url])
+        assert "SHA-256" in str(wrong.value) and not list((tmp_path / "other/LibriSpeech/lm").glob("*lexicon*"))
 
 
 # ------------------------------------------------------------------------ health checks
@@ -1166,3 +1181,212 @@ def test_ablation_writes_its_table_and_continues_a_stopped_one(tmp_path, capsys)
     assert json.loads((out / "results.json").read_text()) == results
     with pytest.raises(SystemExit, match="--minutes 0.01"):  # rows of another budget do not mix
         ablation.main(argv + ["0.02"])
+
+
+# --------------------------------------------------------- hostile input, second round
+def test_lm_out_refuses_what_exists_and_what_cannot_be_written_before_any_work(tmp_path):
+    text = tmp_path / "X.lexicon.txt"  # the input text has the name of the lexicon --lm-out would write
+    text.write_text("hello world\nhello there\n")
+    with pytest.raises(SystemExit) as taken:
+        download.main(["--lm-from", str(text), "--lm-out", str(tmp_path / "X.arpa")])
+    assert str(text) in str(taken.value) and "nothing was written" in str(taken.value)
+    assert text.read_text() == "hello world\nhello there\n" and not (tmp_path / "X.arpa").exists()
+    with pytest.raises(SystemExit) as no_folder:
+        download.main(["--lm-from", str(text), "--lm-out", str(tmp_path / "missing/x.arpa")])
+    assert "does not exist" in str(no_folder.value)
+    (tmp_path / "digits.txt").write_text("123\n4 5\n")
+    with pytest.raises(SystemExit) as no_words:
+        download.main(["--lm-from", str(tmp_path / "digits.txt"), "--lm-out", str(tmp_path / "d.arpa")])
+    assert str(tmp_path / "digits.txt") in str(no_words.value) and not (tmp_path / "d.arpa").exists()
+    download.main(["--lm-from", str(text), "--lm-out", str(tmp_path / "g.arpa.gz")])  # gzip, as named
+    assert gzip.decompress((tmp_path / "g.arpa.gz").read_bytes()).startswith(b"\n\\data\\")
+    assert sorted(decode.read_lm_words(tmp_path / "g.arpa.gz")) == ["hello", "there", "world"]
+
+
+def test_resume_from_an_older_checkpoint_never_rewinds_and_branches_into_a_new_folder(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 12, 2)
+    run = tmp_path / "my run"  # a space: every printed command is quoted for the shell
+    train.main(train_flags(train_dir, dev_dir, run, "--epochs", "2", "--eval-every", "100",
+                           "--max-minutes", "1e-9"))  # stops after its first step
+    (run / "early.pt").write_bytes((run / "last.pt").read_bytes())
+    train.main(["--resume", str(run / "last.pt"), "--max-minutes", "1e-9"])  # one step more
+    before = {p: p.read_bytes() for p in run.iterdir() if p.suffix != ".lock"}
+    with pytest.raises(SystemExit) as rewind:
+        train.main(["--resume", str(run / "early.pt")])
+    assert "would rewind" in str(rewind.value) and f"'{run}/last.pt'" in str(rewind.value)
+    assert "--run-dir" in str(rewind.value)
+    assert {p: p.read_bytes() for p in before} == before
+    train.main(["--resume", str(run / "early.pt"), "--run-dir", str(tmp_path / "branch"), "--max-minutes", "60"])
+    assert {p: p.read_bytes() for p in before} == before  # the original run is untouched
+    branch = [json.loads(line) for line in (tmp_path / "branch/metrics.jsonl").read_text().splitlines()]
+    assert branch[0]["step"] == 1 and torch.load(tmp_path / "branch/last.pt", weights_only=True)["epoch"] == 2
+    with pytest.raises(SystemExit) as finished:  # a finished run says so instead of evaluating again
+        train.main(["--resume", str(tmp_path / "branch/last.pt")])
+    assert "finished its 2 epochs" in str(finished.value)
+    # A run killed before its first save holds only metrics.jsonl: the advice must work.
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed/metrics.jsonl").write_text('{"step": 5, "loss": 2.0}\n')
+    with pytest.raises(SystemExit) as killed:
+        train.main(train_flags(train_dir, dev_dir, tmp_path / "killed", "--epochs", "1"))
+    assert "holds no checkpoint" in str(killed.value) and "--resume" not in str(killed.value)
+    with pytest.raises(SystemExit) as nothing:
+        train.main(["--resume", str(tmp_path / "killed")])
+    assert "stopped before its first save" in str(nothing.value)
+
+
+def test_resume_refuses_changed_data_another_world_size_and_finds_relative_paths(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 12, 2)
+    monkeypatch.chdir(tmp_path)  # relative corpus paths, then a resume from another directory
+    train.main(train_flags(train_dir.relative_to(tmp_path), dev_dir.relative_to(tmp_path), tmp_path / "run",
+                           "--epochs", "2", "--eval-every", "100", "--max-minutes", "1e-9"))
+    monkeypatch.chdir(HERE)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as size:
+        train.main(["--resume", str(tmp_path / "run/last.pt")])
+    assert "trained in 1 processes, this is 2" in str(size.value) and "python train.py --resume" in str(size.value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    write_librispeech(train_dir, ["abc"], speaker=7)  # one utterance more
+    metrics = (tmp_path / "run/metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as changed:
+        train.main(["--resume", str(tmp_path / "run/last.pt")])
+    assert "training data changed" in str(changed.value) and "'utterances': 13" in str(changed.value)
+    assert (tmp_path / "run/metrics.jsonl").read_bytes() == metrics
+    (train_dir / "7").rename(tmp_path / "moved")  # the data as it was: the run continues
+    assert train.main(["--resume", str(tmp_path / "run/last.pt"), "--max-minutes", "1e-9"]) is not None
+    assert train.resume_command(Path("r/last.pt"), 4) == "torchrun --nnodes=1 --nproc_per_node=4 " \
+                                                         "train.py --resume r/last.pt"
+
+
+def test_resume_checks_weights_and_optimizer_before_the_folder_is_touched(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100",
+                           "--max-minutes", "1e-9"))
+    good = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    renamed = {("renamed" if k.endswith("output.weight") else k): v for k, v in good["model"].items()}
+    state = good["optimizer"]
+    cases = {"renamed": {"model": renamed}, "optimizer": {"optimizer": {**state, "param_groups": []}},
+             "missing": {"rng_cpu": "delete"}}
+    for name, change in cases.items():
+        checkpoint = {k: v for k, v in {**good, **change}.items() if not isinstance(v, str) or v != "delete"}
+        torch.save(checkpoint, tmp_path / "run" / f"{name}.pt")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    for name, problem in [("renamed", "do not fit"), ("optimizer", "do not fit"), ("missing", "lacks rng_cpu")]:
+        with pytest.raises(SystemExit) as refused:
+            train.main(["--resume", str(tmp_path / "run" / f"{name}.pt")])
+        assert problem in str(refused.value), name
+    assert {p: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_devices_and_decode_numbers_are_checked_when_the_flags_are_read(tmp_path, capsys):
+    missing = [str(tmp_path / "missing.pt"), "x.flac"]
+    cases = [["--device", "foo"], ["--chunk-seconds", "nan"], ["--chunk-seconds", "inf"],
+             ["--lm", "x.arpa", "--lm-weight", "nan"], ["--lm", "x.arpa", "--lm-weight", "inf"],
+             ["--lm", "x.arpa", "--word-score", "nan"], ["--lm", "x.arpa", "--beam-size", "100000000000"],
+             ["--batch-seconds", "inf"]]
+    if not torch.cuda.is_available():
+        cases.append(["--device", "cuda"])
+    for flags in cases:
+        with pytest.raises(SystemExit) as refused:
+            decode.main(missing + flags)
+        assert refused.value.code == 2 and f"argument {flags[-2]}" in capsys.readouterr().err, flags
+    for device in ["foo"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(SystemExit):
+            train.main(["--data", "x", "--dev", "y", "--run-dir", str(tmp_path / "run"), "--device", device])
+        assert "argument --device" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_lexicon_or_lm_that_would_be_read_wrong_is_named(tmp_path):
+    (tmp_path / "upper.arpa").write_text(tiny_arpa({"HELLO": -0.5, "WORLD": -0.5}))
+    (tmp_path / "lower.txt").write_text("hello\nworld\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(b"PK\x03\x04\x00\x00archive/data.pkl\n")
+    whole = gzip.compress(tiny_arpa({"abc": -1}).encode())
+    (tmp_path / "cut.arpa.gz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "plain.arpa.gz").write_text(tiny_arpa({"abc": -1}))
+    (tmp_path / "bom.arpa").write_text("\ufeff" + tiny_arpa({"abc": -1}), encoding="utf-8")
+    cases = [("upper.arpa", "lower.txt", "upper case"), (None, "latin1.txt", "latin1.txt:1: not UTF-8"),
+             (None, "binary.txt", "binary"), ("cut.arpa.gz", None, "not a complete gzip file"),
+             ("plain.arpa.gz", None, "not a complete gzip file"), ("bom.arpa", None, "byte-order mark")]
+    for lm, lexicon, problem in cases:
+        with pytest.raises(ValueError, match=problem):
+            decode.build_beam_search(lm and tmp_path / lm, lexicon and tmp_path / lexicon, 10, 1.0, 0.0)
+    decode.build_beam_search(tmp_path / "upper.arpa", None, 10, 1.0, 0.0)  # the LM's own words: fine
+
+
+def test_manifests_have_two_columns_digits_are_skipped_and_ids_are_unique(tmp_path, capsys):
+    soundfile.write(tmp_path / "a.flac", tones("abc"), 16000)
+    (tmp_path / "three.tsv").write_text("a.flac\t3.40\tabc\n")
+    with pytest.raises(data.DataError, match=r"three.tsv:1: expected two tab-separated columns"):
+        data.read_corpus([tmp_path / "three.tsv"])
+    with pytest.raises(data.DataError, match="is an audio file"):
+        data.read_corpus([tmp_path / "a.flac"])
+    (tmp_path / "mixed.txt").write_text("a.flac\tabc\na.flac\troom 101\n")  # any name but .flac/.wav
+    corpus = data.read_corpus([tmp_path / "mixed.txt"])
+    assert [u["text"] for u in corpus] == ["abc"]
+    assert "transcript holds digits (spell numbers out): 1" in capsys.readouterr().out
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
+    train.save_atomically(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        soundfile.write(tmp_path / folder / "same.wav", tones("ab"), 16000)
+    result = run_script("decode.py", tmp_path / "m.pt", tmp_path / "mixed.txt", tmp_path / "x/same.wav",
+                        tmp_path / "y/same.wav")
+    ids = [line.split("\t")[0] for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and ids == ["a", str(tmp_path / "x/same.wav"), str(tmp_path / "y/same.wav")]
+    assert "(1 utterances with references)" in result.stderr and "digits" in result.stderr
+
+
+def test_interrupts_at_start_up_and_a_bad_duration_cache_are_handled(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 4, 2)
+    cache = tmp_path / "cache" / "ctc-baseline"
+    data.read_corpus([train_dir], log=lambda m: None)
+    for cache_file in cache.iterdir():
+        cache_file.write_text("[]")  # valid JSON of the wrong shape: ignored and rewritten
+    assert len(data.read_corpus([train_dir], log=lambda m: None)) == 4
+    assert all(isinstance(json.loads(f.read_text()), dict) for f in cache.iterdir())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "read_corpus", interrupted)
+    with pytest.raises(SystemExit) as train_stop:
+        train.main(train_flags(train_dir, dev_dir, tmp_path / "run"))
+    assert "interrupted while starting" in str(train_stop.value)
+    monkeypatch.setattr(download, "fetch", interrupted)
+    with pytest.raises(SystemExit) as download_stop:
+        download.main(["an4", "--root", str(tmp_path / "root"), "--base-url", "http://127.0.0.1:9"])
+    assert "Run the same command again" in str(download_stop.value)
+
+
+def test_an4_is_written_exactly_as_listed_and_a_target_in_the_way_is_found_first(tmp_path, monkeypatch):
+    archive, _ = an4_archive(tmp_path)
+    with tarfile.open(tmp_path / "an4.tar.gz", "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    extra = tmp_path / "AN4/train/evil/an4/evil.flac"  # an archive member shaped like the corpus
+    extra.parent.mkdir(parents=True)
+    soundfile.write(extra, tones("ab"), 16000)
+    with tarfile.open(tmp_path / "evil.tar.gz", "w:gz") as tar:
+        for member, content in members:
+            tar.addfile(member, io.BytesIO(content) if content is not None else None)
+        tar.add(tmp_path / "AN4", arcname="AN4")
+    monkeypatch.setattr(download, "AN4_UTTERANCES", {"train": 4, "test": 2})
+    monkeypatch.setattr(download, "AN4_TEST_WORDS", 8)
+    server = ArchiveServer({download.AN4_ARCHIVE: (tmp_path / "evil.tar.gz").read_bytes()})
+    root = tmp_path / "root"
+    (root / "AN4").mkdir(parents=True)  # empty: not taken for a finished download
+    download.main(["an4", "--root", str(root), "--base-url", server.url])
+    flacs = sorted(p.name for p in (root / "AN4").rglob("*.flac"))
+    assert len(flacs) == 6 and "evil.flac" not in flacs
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/AN4").write_text("a file in the way")
+    server.ranges.clear()
+    with pytest.raises(SystemExit) as in_the_way:
+        download.main(["an4", "--root", str(tmp_path / "other"), "--base-url", server.url])
+    assert "is not a finished download" in str(in_the_way.value) and server.ranges == []
+
+
+def test_decode_of_a_best_pt_not_yet_written_points_to_last_pt(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as missing:
+        decode.main([str(tmp_path / "run/best.pt"), "x.flac"])
+    assert "no evaluation has run yet" in str(missing.value) and str(tmp_path / "run/last.pt") in str(missing.value)

@@ -15,10 +15,12 @@ import argparse
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
 import resource
+import shlex
 import signal
 import socket
 import sys
@@ -38,25 +40,17 @@ CONVERGED_CER = 1.0          # a dev CER (%) at or below this is a finished run,
 # Flags that change where and how often, not what, a run computes: --resume may change them.
 RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every", "max_minutes")
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
+CHECKPOINT_KEYS = ("model_config", "model", "vocab", "train_config", "optimizer", "step", "epoch",
+                   "batch_in_epoch", "best_wer", "rng_cpu", "rng_cuda")
 CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-steps); features not "
           "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
           "vocabulary without space or apostrophe; too little data for the model. Check with "
           "--overfit 20, and see 'When CTC training goes wrong' in the README.")
 
 
-def in_range(kind, low, high=math.inf, low_open=False):
-    """An argparse type: a number in [low, high), or (low, high) with low_open."""
-    def parse(text):
-        value = kind(text)
-        if not (low < value if low_open else low <= value) or not value < high:  # NaN fails too
-            bounds = f"{'(' if low_open else '['}{low}, {high})"
-            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
-        return value
-    return parse
-
-
 def build_parser():
     m = ModelConfig()  # the model flags' defaults live in the model's own config
+    in_range = data.in_range
     count, positive, above_zero = in_range(int, 0), in_range(int, 1), in_range(float, 0, low_open=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
@@ -93,7 +87,7 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="a new folder (default: runs/<date>-<time>)")
     g.add_argument("--resume", default=None, help="a last.pt to continue from (its run and flags)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast; default: on for CUDA and for CPUs with AVX512-BF16, "
                         "off on other CPUs, which only emulate bf16")
@@ -155,40 +149,81 @@ def model_config(args):
     return ModelConfig(vocab_size=len(data.VOCAB), **{name: getattr(args, name) for name in fields})
 
 
+def resume_command(checkpoint, world_size):
+    """The command that continues a run from this checkpoint, ready to paste."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # set by torchrun
+    launcher = "python" if world_size == 1 else f"torchrun --nnodes={world_size // per_node} --nproc_per_node={per_node}"
+    return f"{launcher} train.py --resume {shlex.quote(str(checkpoint))}"
+
+
 def resolve_args(argv, log):
     """The run's flags and, with --resume, its checkpoint: a resumed run keeps the flags it was
-    started with, and a flag typed now that would change them is refused, whatever its value."""
+    started with, and a flag typed now that would change them is refused, whatever its value.
+    Everything a resume will load is checked here, before the run folder is touched."""
     args = get_args(argv)
     if not args.resume:
         if not args.data or not (args.dev or args.overfit):
             sys.exit("error: --data and --dev are required (or --resume a run)")
+        # Saved absolute, so that a resume from another working directory finds the corpora.
+        args.data, args.dev = ([str(Path(p).absolute()) for p in paths or []] for paths in (args.data, args.dev))
         return args, None
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        checkpoint["step"], checkpoint["train_config"], checkpoint["optimizer"]  # noqa: B018
+        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+        if missing:
+            raise KeyError(f"it lacks {', '.join(missing)}")
     except FileNotFoundError:
-        sys.exit(f"error: --resume {path}: no such file")
+        sys.exit(f"error: --resume {path}: no such file" + (
+            f"; {path.parent} holds no checkpoint: its run stopped before its first save" * path.parent.is_dir()))
     except Exception as e:  # a truncated or foreign file fails in many ways
         sys.exit(f"error: --resume {path}: not a readable train.py checkpoint ({type(e).__name__}: {e})")
     if checkpoint["vocab"] != data.VOCAB:
         sys.exit(f"error: --resume {path}: its vocabulary {''.join(checkpoint['vocab'])!r} differs from "
                  f"this code's {''.join(data.VOCAB)!r}; start a new run or use the matching code")
     given = {k: v for k, v in typed_flags(argv).items() if k != "resume"}
-    refused = [as_flag(k) for k in given if k not in RESUME_MAY_CHANGE]
+    refused = [as_flag(k) for k in given if k not in RESUME_MAY_CHANGE + ("run_dir",)]
     if refused:  # silently ignoring them would train something other than what was asked
         sys.exit(f"error: --resume continues {path} with the flags it was started with; {' '.join(refused)} "
                  f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
                  f"Drop them, or start a new run with a new --run-dir.")
-    saved_flags = argparse.Namespace(**checkpoint["train_config"])
+    saved = argparse.Namespace(**checkpoint["train_config"])
     # A model field added since the checkpoint was written has its default value there.
     saved_model = {**dataclasses.asdict(ModelConfig()), **checkpoint["model_config"]}
-    if saved_model != dataclasses.asdict(model_config(saved_flags)):
+    if saved_model != dataclasses.asdict(model_config(saved)):
         sys.exit(f"error: --resume {path}: model shape differs from the flags it was saved with")
-    log(f"resuming {path} at step {checkpoint['step']}")
-    return argparse.Namespace(**{**checkpoint["train_config"], **given, "resume": str(path),
-                                 "run_dir": str(path.parent)}), checkpoint
+    try:
+        model = CTCModel(model_config(saved))
+        model.load_state_dict(checkpoint["model"])
+        torch.optim.AdamW(model.parameters()).load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        sys.exit(f"error: --resume {path}: its weights or optimizer state do not fit this code's model "
+                 f"({str(e).strip().splitlines()[0]}); decode it with the code that wrote it, or start a new run")
+    world_size, saved_size = int(os.environ.get("WORLD_SIZE", 1)), checkpoint.get("world_size", 1)
+    if world_size != saved_size:  # the steps per epoch, the schedule and the batch order would change
+        sys.exit(f"error: --resume {path}: the run trained in {saved_size} processes, this is {world_size}. "
+                 f"Continue it as it started:\n  {resume_command(path, saved_size)}")
+    if checkpoint["epoch"] >= saved.epochs:
+        sys.exit(f"error: --resume {path}: that run finished its {saved.epochs} epochs at step "
+                 f"{checkpoint['step']}; there is nothing to continue. Training longer changes its learning-"
+                 f"rate schedule: start a new run with more --epochs")
+    run_dir = Path(given.get("run_dir") or path.parent)
+    last = path.parent / "last.pt"
+    if run_dir.resolve() == path.parent.resolve() and path.name != "last.pt" and last.exists():
+        last_step = torch.load(last, map_location="cpu", weights_only=True)["step"]
+        if last_step > checkpoint["step"]:  # continuing here would overwrite the later work
+            sys.exit(f"error: --resume {path} (step {checkpoint['step']}) would rewind the run in "
+                     f"{run_dir}, whose last.pt is at step {last_step}. Continue it with\n  "
+                     f"{resume_command(last, saved_size)}\nor branch from step {checkpoint['step']} into "
+                     f"a new folder:\n  {resume_command(path, saved_size)} --run-dir NEW_FOLDER")
+    args = argparse.Namespace(**{**checkpoint["train_config"], **given, "resume": str(path), "run_dir": str(run_dir)})
+    try:
+        data.device(args.device)
+    except argparse.ArgumentTypeError as e:
+        sys.exit(f"error: --resume {path}: the run used --device {args.device}: {e}")
+    log(f"resuming {path} at step {checkpoint['step']}" + f" in {run_dir}" * (run_dir != path.parent))
+    return args, checkpoint
 
 
 def logged_step(line):
@@ -211,10 +246,10 @@ def new_run_dir():
     raise FileExistsError(errno.EEXIST, "every name is taken", stem)
 
 
-def claim_run_dir(args, resume_step):
-    """Create the run folder (or reopen it, on resume) and lock it for this process. Returns the
-    lock file, held open for the whole run: the kernel releases the lock when the process ends,
-    even by kill -9. A folder that already holds a run is refused unless resumed."""
+def claim_run_dir(args, resuming_here):
+    """Create the run folder (or reopen it, to resume there) and lock it for this process. Returns
+    the lock file, held open for the whole run: the kernel releases the lock when the process
+    ends, even by kill -9. A folder that already holds a run is refused unless resumed there."""
     try:
         args.run_dir = args.run_dir or new_run_dir()
         run_dir = Path(args.run_dir)
@@ -229,19 +264,24 @@ def claim_run_dir(args, resume_step):
         sys.exit(f"error: {run_dir} is in use by another training process ({lock.read().strip()}, "
                  f"per {run_dir / 'train.lock'}); wait for it to end, or pick another --run-dir")
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if resume_step is None and held:
-        sys.exit(f"error: {run_dir} already holds a run ({', '.join(held)}). Continue it with "
-                 f"--resume {run_dir / 'last.pt'}, or start a new run with another --run-dir.")
+    if held and not resuming_here:
+        advice = (f"Continue it with\n  {resume_command(run_dir / 'last.pt', 1)}\nor" if "last.pt" in held else
+                  "It holds no checkpoint (it stopped before its first save): remove it, or")
+        sys.exit(f"error: {run_dir} already holds a run ({', '.join(held)}). {advice} start a new run "
+                 f"with another --run-dir.")
     lock.truncate(0)
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
-    if resume_step is not None and (run_dir / "metrics.jsonl").exists():
-        # Steps logged after the checkpoint (before a kill -9) will be logged again: drop them.
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        kept = "".join(f"{line}\n" for line in lines if logged_step(line) <= resume_step)
+    return lock
+
+
+def keep_metrics_until(step, source, run_dir):
+    """run_dir/metrics.jsonl as source's lines up to this step: those a killed run logged after its
+    checkpoint will be logged again; a branch into a new folder starts with its history."""
+    if source.exists():
+        kept = "".join(f"{line}\n" for line in source.read_text().splitlines() if logged_step(line) <= step)
         (run_dir / "metrics.jsonl.tmp").write_text(kept)
         os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
-    return lock
 
 
 def setup_device(args):
@@ -266,7 +306,8 @@ def ignore_signals(_):
 
 
 def build_data(args, model, rank, world_size, pin_memory, log):
-    """(train loader and its batch sampler, dev loader); exits naming the data if it is unusable."""
+    """(train loader and its batch sampler, dev loader, what identifies the training set: a resume
+    must find the same); exits naming the data if it is unusable."""
     try:
         train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
                                           model.output_lengths, log)
@@ -294,7 +335,9 @@ def build_data(args, model, rank, world_size, pin_memory, log):
         # from a process holding the training's memory, they slowed the steps after it (copy on
         # write) and the evaluation itself, by about 10 s in all on AN4 (RESULTS.md).
         iter(dev_loader)
-    return loader, sampler, dev_loader
+    ids = hashlib.sha1("\n".join(u["id"] for u in train_set).encode()).hexdigest()[:16]
+    return loader, sampler, dev_loader, {"utterances": len(train_set), "ids_sha1": ids,
+                                         "seconds": round(sum(u["seconds"] for u in train_set), 2)}
 
 
 def evaluate(model, loader, device, bf16):
@@ -438,16 +481,20 @@ def main(argv=None, model=None):
     train instead of the flags' CTCModel, called and checkpointed as it is (ablation.py's variants)."""
     master = int(os.environ.get("RANK", 0)) == 0
     log = (lambda message: print(message, flush=True)) if master else (lambda message: None)
-    args, checkpoint = resolve_args(argv, log)
-    if args.overfit:  # the health check: nothing may stand between the model and its training set
-        args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
-        args.speed_perturb = False
-    lock = claim_run_dir(args, checkpoint["step"] if checkpoint else None) if master else None
-    try:
-        return train(args, checkpoint, master, log, model)
-    finally:
-        if lock:
-            lock.close()  # on an error exit too, so that the folder is free at once
+    try:  # the loop turns Ctrl-C into a stop; before it starts, there is nothing to save
+        args, checkpoint = resolve_args(argv, log)
+        if args.overfit:  # the health check: nothing may stand between the model and its training set
+            args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
+            args.speed_perturb = False
+        here = checkpoint is not None and Path(args.run_dir).resolve() == Path(args.resume).parent.resolve()
+        lock = claim_run_dir(args, here) if master else None
+        try:
+            return train(args, checkpoint, master, log, model)
+        finally:
+            if lock:
+                lock.close()  # on an error exit too, so that the folder is free at once
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted while starting, before the first step: nothing was trained or saved")
 
 
 def build_model(args, checkpoint, device, model):
@@ -477,7 +524,13 @@ def train(args, checkpoint, master, log, model=None):
         f"device {device}{' bf16' if bf16 else ''}, world size {world_size}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     ctc_loss = torch.nn.CTCLoss(blank=data.BLANK, zero_infinity=True)
-    loader, sampler, dev_loader = build_data(args, model, rank, world_size, cuda, log)
+    loader, sampler, dev_loader, train_set = build_data(args, model, rank, world_size, cuda, log)
+    if checkpoint and checkpoint.get("train_set", train_set) != train_set:
+        sys.exit(f"error: --resume {args.resume}: the training data changed since it was saved ({train_set} "
+                 f"now, {checkpoint['train_set']} then): its epochs, schedule and batch order would not be "
+                 f"the run's. Restore the data, or start a new run.")
+    if checkpoint and master:
+        keep_metrics_until(step, Path(args.resume).parent / "metrics.jsonl", run_dir)
     total_steps = args.epochs * len(sampler)
     log(f"run: {run_dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
     metrics = open(run_dir / "metrics.jsonl", "a") if master else None
@@ -490,7 +543,8 @@ def train(args, checkpoint, master, log, model=None):
             **model_checkpoint(model, data.VOCAB), "train_config": vars(args),
             "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "best_wer": best_wer, "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if cuda else None,
+            "rng_cuda": torch.cuda.get_rng_state() if cuda else None, "world_size": world_size,
+            "train_set": train_set,
         }, run_dir / name)
 
     def write_metrics(record):
@@ -549,8 +603,8 @@ def train(args, checkpoint, master, log, model=None):
                     interval.oom += 1
             if bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
                 log(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient: the run has "
-                    f"diverged. Lower --lr (now {args.lr}) or raise --warmup-steps, then --resume "
-                    f"{run_dir / 'last.pt'}")
+                    f"diverged. Lower --lr (now {args.lr}) or raise --warmup-steps and start anew, or "
+                    f"resume from before it: {resume_command(run_dir / 'last.pt', world_size)}")
                 sys.exit(1)
             step, batch_in_epoch, interval.steps = step + 1, batch_in_epoch + 1, interval.steps + 1
             interval.audio += float(batch["wave_lengths"].sum()) / data.SAMPLE_RATE if batch else 0.0
@@ -586,7 +640,7 @@ def train(args, checkpoint, master, log, model=None):
             log(f"--max-minutes {args.max_minutes} reached at step {step}; {run_dir / 'last.pt'} saved")
         if stop:
             log(f"stopped by signal {stop[0]} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
-                f"  python train.py --resume {run_dir / 'last.pt'}")
+                f"  {resume_command(run_dir / 'last.pt', world_size)}")
     restore_signal_handlers()
     if distributed:
         dist.destroy_process_group()
