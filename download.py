@@ -1,10 +1,8 @@
-"""Get corpora and language models: CMU's AN4 (50 minutes of real speech, a first run on a
-CPU), LibriSpeech and its n-gram LMs, or a word n-gram LM built from your own text.
+"""Get corpora: CMU's AN4 (50 minutes of real speech, a first run on a CPU) and LibriSpeech
+(language models: lm.py).
 
     python download.py an4 --root .                                    # -> ./AN4/{train,dev,test}
     python download.py train-clean-100 dev-clean test-clean --root .   # -> ./LibriSpeech/<subset>
-    python download.py librispeech-lm --root .     # -> ./LibriSpeech/lm/3-gram.pruned.1e-7.arpa.gz
-    python download.py --lm-from AN4/train --lm-out AN4/train.3gram.arpa   # an LM from transcripts
 
 Every archive shows bytes, rate and ETA while it downloads; an interrupted download continues
 where it stopped when the same command is run again. An archive is extracted beside its target
@@ -13,10 +11,7 @@ looks ready. Corpora already there are skipped. Only the standard library and so
 needed to download, so this runs before anything else is installed.
 """
 import argparse
-import collections
-import gzip
 import hashlib
-import math
 import shutil
 import sys
 import tarfile
@@ -158,43 +153,6 @@ def download_librispeech(subsets, root, base_url):
         print(f"{final}: ready", file=sys.stderr)
 
 
-LIBRISPEECH_LM_MIRROR = "https://www.openslr.org/resources/11"
-# LibriSpeech's word n-gram LMs and word list (openslr.org/11), upper case as its transcripts:
-# {file: (bytes, SHA-256)}. OpenSLR publishes the sizes (Kaldi's LibriSpeech recipe checks the same)
-# but no checksums; the SHA-256s are those RWTH's recipes check the official files against
-# (rwth-i6/i6_experiments, common/datasets/librispeech/: language_model.py for 4-gram.arpa.gz,
-# lexicon.py for the lexicon; 3-gram.pruned.1e-7 from a recipe built on them).
-LIBRISPEECH_LM_FILES = {
-    "librispeech-lm": {
-        "3-gram.pruned.1e-7.arpa.gz": (34_094_057, "71dd880667cb6ea3942bb1982988c91fb1208839a21911eeec7e31c857c4bdfb"),
-        "librispeech-lexicon.txt": (5_627_646, "d722bc29908cd338ae738edd70f61826a6fca29aaa704a9493f0006773f79d71")},
-    "librispeech-4gram": {
-        "4-gram.arpa.gz": (1_355_172_078, "f2b2d1507637ddf459d3579159f7e8099ed7d77452ff1059aeeeaea33d274613")},
-}
-
-
-def download_librispeech_lm(name, root, base_url):
-    """Fetch one of LIBRISPEECH_LM_FILES' sets into root/LibriSpeech/lm, as published (KenLM and
-    decode.py read the gzipped ARPA files as they are)."""
-    folder = root / "LibriSpeech" / "lm"
-    folder.mkdir(parents=True, exist_ok=True)
-    for file_name, (size, sha256) in LIBRISPEECH_LM_FILES[name].items():
-        final = folder / file_name
-        if final.exists():
-            print(f"{final} is already there; skipping it", file=sys.stderr)
-            continue
-        part = folder / f"{file_name}.part"
-        fetch_archive(f"{base_url}/{file_name}", part)
-        actual = (part.stat().st_size, digest_of(part, hashlib.sha256()))
-        if actual != (size, sha256):
-            part.unlink()
-            raise DownloadError(f"{file_name} from {base_url} is not OpenSLR's ({actual[0]:,} bytes, SHA-256 "
-                                f"{actual[1]}; expected {size:,}, {sha256}); the file was removed. Run the "
-                                f"command again, or try another --base-url.")
-        part.rename(final)
-        print(f"{final}: ready", file=sys.stderr)
-
-
 # ------------------------------------------------------------------------------------- AN4
 def read_an4_list(etc, part):
     """[(speaker, utterance id, transcript)] from an4_<part>.fileids and .transcription, whose
@@ -296,163 +254,22 @@ def download_an4(root, base_url):
           file=sys.stderr)
 
 
-# -------------------------------------------------------------- a word n-gram LM from text
-def read_sentences(paths):
-    """Word lists from LibriSpeech-layout folders (.trans.txt), TSV manifests (the transcript
-    column) and plain text files (a sentence per line), normalized as the model spells them."""
-    from data import normalize  # needs torch, which downloading does not
-    for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(path.rglob("*.trans.txt"))
-            if not files:
-                raise DownloadError(f"{path}: no .trans.txt files under this folder")
-        elif path.is_file():
-            files = [path]
-        else:
-            raise DownloadError(f"{path}: no such file or folder")
-        for file in files:
-            try:
-                lines = file.read_text(encoding="utf-8-sig").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise DownloadError(f"{file}: cannot read it as UTF-8 text ({e})") from None
-            for line_no, line in enumerate(lines, 1):
-                if file.name.endswith(".trans.txt"):
-                    line = line.partition(" ")[2]  # after the utterance id
-                elif file.suffix == ".tsv" and line.strip() and not line.startswith("#"):
-                    if line.count("\t") != 1:  # as data.py reads manifests
-                        raise DownloadError(f"{file}:{line_no}: expected two tab-separated columns, "
-                                            f"'audio path<TAB>transcript'")
-                    line = line.partition("\t")[2]
-                words = normalize(line)[0].split()
-                if words:
-                    yield words
-
-
-def kneser_ney(sentences, order):
-    """Interpolated Kneser-Ney (one discount per order, D = n1 / (n1 + 2 n2) from the counts of
-    n-grams seen once and twice) in backoff form: [{ngram: [probability, backoff or None]}].
-    p(w | h) = max(c(h w) - D, 0) / c(h) + D * types(h) / c(h) * p(w | h without its first word),
-    and the second term's factor is h's backoff weight, so every history's column sums to 1."""
-    counts = [collections.Counter() for _ in range(order + 1)]
-    for words in sentences:
-        padded = ("<s>", *words, "</s>")
-        for n in range(1, order + 1):
-            counts[n].update(padded[i:i + n] for i in range(len(padded) - n + 1))
-    if not counts[1]:
-        raise DownloadError("the text holds no words")
-    # Lower orders count distinct left neighbours, not occurrences: a word frequent after only one
-    # word ("francisco") should not be likely after others. An n-gram at <s> has no left neighbour.
-    for n in range(1, order):
-        left = collections.Counter(gram[1:] for gram in counts[n + 1])
-        counts[n] = collections.Counter({g: c if g[0] == "<s>" else left[g] for g, c in counts[n].items()})
-    del counts[1][("<s>",)]  # never predicted; it is only a history
-    model = [{("<s>",): [0.0, None]}]
-    for n in range(1, order + 1):
-        ones, twos = (sum(1 for c in counts[n].values() if c == k) for k in (1, 2))
-        discount = ones / (ones + 2 * twos) if ones and twos else 0.5
-        totals, types = collections.Counter(), collections.Counter()
-        for gram, count in counts[n].items():
-            totals[gram[:-1]] += count
-            types[gram[:-1]] += 1
-        backoff = {history: discount * types[history] / total for history, total in totals.items()}
-        lower = model[n - 2] if n > 1 else {}
-        grams = model[0] if n == 1 else {}
-        for gram, count in counts[n].items():
-            below = lower[gram[1:]][0] if n > 1 else 1 / (len(counts[1]) + 1)  # uniform, <unk> too
-            grams[gram] = [(count - discount) / totals[gram[:-1]] + backoff[gram[:-1]] * below, None]
-        if n == 1:
-            grams[("<unk>",)] = [backoff[()] / (len(counts[1]) + 1), None]
-        else:
-            for history, weight in backoff.items():
-                model[n - 2][history][1] = weight
-            model.append(grams)
-    return model
-
-
-def write_arpa(model, path):
-    """The model as an ARPA file (tab-separated fields, as KenLM requires) and, beside it,
-    the lexicon: each word and its spelling, a line each."""
-    log10 = lambda x: f"{math.log10(x):.6f}" if x > 0 else "-99"
-    lines = ["", "\\data\\"] + [f"ngram {n}={len(grams)}" for n, grams in enumerate(model, 1)]
-    for n, grams in enumerate(model, 1):
-        lines += ["", f"\\{n}-grams:"]
-        for gram, (probability, backoff) in grams.items():
-            fields = [log10(probability), " ".join(gram)] + ([log10(backoff)] if backoff else [])
-            lines.append("\t".join(fields))
-    lines += ["", "\\end\\", ""]
-    words = sorted(g[0] for g in model[0] if g[0] not in ("<s>", "</s>", "<unk>"))
-    lexicon = "".join(f"{word}\t{' '.join(word)}\n" for word in words)
-    for target, text in zip(lm_outputs(path), ("\n".join(lines), lexicon)):
-        partial = target.with_name(target.name + ".part")
-        with (gzip.open if target.suffix == ".gz" else open)(partial, "wt", encoding="utf-8") as f:
-            f.write(text)
-        partial.replace(target)
-
-
-def lm_outputs(path):
-    """The ARPA file (gzipped if its name ends in .gz) and its lexicon beside it."""
-    return path, path.with_suffix(".lexicon.txt")
-
-
-def build_lm(text_paths, out, order):
-    """Every file it would write is checked before any work: none may exist, their folder must."""
-    taken = [str(p) for p in lm_outputs(out) if p.exists()]
-    if taken:
-        raise DownloadError(f"{' and '.join(taken)} already exist{'s' * (len(taken) == 1)}; nothing was "
-                            f"written. Remove {'it' if len(taken) == 1 else 'them'} or pick another --lm-out.")
-    if not out.parent.is_dir():
-        raise DownloadError(f"--lm-out {out}: the folder {out.parent} does not exist; create it first")
-    sentences = list(read_sentences(text_paths))
-    if not sentences:
-        raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled with a-z and apostrophes "
-                            f"to build an LM from (digits and other symbols are dropped); nothing was written")
-    model = kneser_ney(sentences, order)
-    write_arpa(model, out)
-    print(f"{out}: {', '.join(f'{len(grams):,} {n}-grams' for n, grams in enumerate(model, 1))}; "
-          f"lexicon {out.with_suffix('.lexicon.txt')}", file=sys.stderr)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = ["an4", *sorted(PUBLISHED_MD5), *LIBRISPEECH_LM_FILES]
-    parser.add_argument("corpora", nargs="*", metavar="NAME",
-                        help=f"{', '.join(choices)}: an4, LibriSpeech subsets, librispeech-lm (pruned "
-                             f"3-gram and word list, 40 MB) and/or librispeech-4gram (1.4 GB)")
-    parser.add_argument("--root", default=".", help="folder that will hold AN4/ and LibriSpeech/")
-    parser.add_argument("--base-url", help=f"another location of the files (default: {AN4_MIRROR} "
-                                           f"for an4, {LIBRISPEECH_MIRROR} for LibriSpeech, "
-                                           f"{LIBRISPEECH_LM_MIRROR} for its LMs); what it serves is "
-                                           f"checked against the official checksums all the same")
-    parser.add_argument("--lm-from", nargs="+", metavar="TEXT",
-                        help="build a word n-gram LM from these LibriSpeech-layout folders, TSV "
-                             "manifests or text files (a sentence per line)")
-    parser.add_argument("--lm-out", type=Path, help="the ARPA file --lm-from writes (and its .lexicon.txt)")
-    parser.add_argument("--lm-order", type=int, default=3, choices=range(2, 7), metavar="N",
-                        help="n of the n-gram LM (2-6: KenLM reads bigrams and longer)")
-    args = parser.parse_args(argv)
-    for name in set(args.corpora) - set(choices):
-        parser.error(f"unknown name {name!r}: choose from {', '.join(choices)}")
-    if not args.corpora and not args.lm_from:
-        parser.error("name corpora to download, or --lm-from text to build an LM from")
-    if bool(args.lm_from) != bool(args.lm_out):
-        parser.error("--lm-from and --lm-out go together")
-    root = Path(args.root)
+def writable_root(path):
+    """The --root folder, made and checked before any download: a partial archive must have
+    somewhere to go."""
+    root = Path(path)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        try:  # before any download: a partial archive must have somewhere to go
-            tempfile.TemporaryFile(dir=root).close()
-        except OSError as e:
-            raise DownloadError(f"--root {root}: cannot write there ({e.strerror}); pick another --root") from None
-        if "an4" in args.corpora:
-            download_an4(root, (args.base_url or AN4_MIRROR).rstrip("/"))
-        subsets = [c for c in args.corpora if c in PUBLISHED_MD5]
-        if subsets:
-            download_librispeech(subsets, root, (args.base_url or LIBRISPEECH_MIRROR).rstrip("/"))
-        for name in (c for c in args.corpora if c in LIBRISPEECH_LM_FILES):
-            download_librispeech_lm(name, root, (args.base_url or LIBRISPEECH_LM_MIRROR).rstrip("/"))
-        if args.lm_from:
-            build_lm(args.lm_from, args.lm_out, args.lm_order)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise DownloadError(f"--root {root}: cannot write there ({e.strerror}); pick another") from None
+    return root
+
+
+def exit_on_errors(work):
+    """Run work(): a DownloadError, a disk error or Ctrl-C ends the command with one line."""
+    try:
+        work()
     except DownloadError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk
@@ -460,6 +277,30 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("interrupted. Run the same command again: a download continues where it stopped, and "
                  "nothing half-written is taken for finished.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = ["an4", *sorted(PUBLISHED_MD5)]
+    parser.add_argument("corpora", nargs="+", metavar="NAME", help=f"{', '.join(choices)}")
+    parser.add_argument("--root", default=".", help="folder that will hold AN4/ and LibriSpeech/")
+    parser.add_argument("--base-url", help=f"another location of the archives (default: {AN4_MIRROR} "
+                                           f"for an4, {LIBRISPEECH_MIRROR} for LibriSpeech); what it "
+                                           f"serves is checked against OpenSLR's MD5s all the same")
+    args = parser.parse_args(argv)
+    for name in set(args.corpora) - set(choices):
+        parser.error(f"unknown name {name!r}: choose from {', '.join(choices)} (LMs: lm.py)")
+
+    def work():
+        root = writable_root(args.root)
+        if "an4" in args.corpora:
+            download_an4(root, (args.base_url or AN4_MIRROR).rstrip("/"))
+        subsets = [c for c in args.corpora if c in PUBLISHED_MD5]
+        if subsets:
+            download_librispeech(subsets, root, (args.base_url or LIBRISPEECH_MIRROR).rstrip("/"))
+    exit_on_errors(work)
+
 
 if __name__ == "__main__":
     main()

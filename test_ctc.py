@@ -31,6 +31,8 @@ import ablation
 import data
 import decode
 import download
+import lm
+import plot
 import train
 from model import TIME_STRIDES, CTCModel, ModelConfig, build_from_checkpoint, model_checkpoint
 
@@ -244,7 +246,7 @@ def test_librispeech_reader_and_tsv_manifest_resample_and_downmix(tmp_path):
     soundfile.write(tmp_path / "tsv/low.wav", tones("abc", 8000), 8000, subtype="PCM_24")
     stereo = np.stack([tones("dead", 44100), np.zeros(len(tones("dead", 44100)), np.float32)], 1)
     soundfile.write(tmp_path / "tsv/stereo.flac", stereo, 44100)
-    (tmp_path / "tsv/list.tsv").write_text("low.wav\tLow!\n" + f"{tmp_path}/tsv/stereo.flac\tStereo 2\n")
+    (tmp_path / "tsv/list.tsv").write_text("low.wav\tLow!\n" + f"{tmp_path}/tsv/stereo.flac\tStereo?\n")
     corpus = data.read_corpus([tmp_path / "ls", tmp_path / "tsv/list.tsv"], log=lambda m: None)
     assert [u["id"] for u in corpus] == ids + ["low", "stereo"]
     assert [u["text"] for u in corpus] == ["abc", "ija", "low", "stereo"]
@@ -414,7 +416,7 @@ def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):
     assert [utt for utt, _ in lines] == [f"2-198-{i:04d}" for i in range(5)]
     assert "WER" in many.stderr and "CER" in many.stderr
 
-    built = run_script("download.py", "--lm-from", train_dir, "--lm-out", tmp_path / "train.arpa")
+    built = run_script("lm.py", "build", train_dir, "--out", tmp_path / "train.arpa")
     assert built.returncode == 0, built.stderr
     beam = run_script("decode.py", tmp_path / "run/best.pt", dev_dir, "--lm", tmp_path / "train.arpa")
     assert beam.returncode == 0, beam.stderr
@@ -821,7 +823,7 @@ def test_an_lm_built_from_text_loads_in_kenlm_sums_to_one_and_scores_as_kenlm_do
     (tmp_path / "book.txt").write_text("fg de abc de\n\nabc fg\n")
     out = tmp_path / "lm.arpa"
     texts = [str(tmp_path / name) for name in ("corpus", "more.tsv", "book.txt")]
-    download.main(["--lm-from", *texts, "--lm-out", str(out), "--lm-order", "3"])
+    lm.main(["build", *texts, "--out", str(out), "--order", "3"])
     assert (tmp_path / "lm.lexicon.txt").read_text() == "abc\ta b c\nde\td e\nfg\tf g\n"
     model = read_arpa(out)
     vocabulary = ["abc", "de", "fg", "</s>", "<unk>"]
@@ -838,7 +840,7 @@ def test_an_lm_built_from_text_loads_in_kenlm_sums_to_one_and_scores_as_kenlm_do
         assert score == pytest.approx(arpa_log10(model, history[-2:], word), abs=1e-4), word
         history += (word,)
     with pytest.raises(SystemExit) as exists:  # an existing file is never overwritten
-        download.main(["--lm-from", str(tmp_path / "book.txt"), "--lm-out", str(out)])
+        lm.main(["build", str(tmp_path / "book.txt"), "--out", str(out)])
     assert str(out) in str(exists.value) and read_arpa(out) == model
 
 
@@ -1000,21 +1002,21 @@ def test_a_truncated_an4_archive_is_removed_and_nothing_is_half_written(tmp_path
     assert not list((tmp_path / "root").iterdir())
 
 
-def test_download_librispeech_lm_checks_sizes_resumes_and_keeps_files_as_published(tmp_path, monkeypatch):
+def test_lm_librispeech_checks_sizes_and_sha256_resumes_and_keeps_files_as_published(tmp_path, monkeypatch):
     arpa = gzip.compress(tiny_arpa({"HELLO": -0.5}).encode())
     lexicon = b"HELLO HH AH0 L OW1\nWORLD W ER1 L D\n"
     server = ArchiveServer({"3-gram.pruned.1e-7.arpa.gz": arpa, "librispeech-lexicon.txt": lexicon})
-    monkeypatch.setattr(download, "LIBRISPEECH_LM_FILES", {"librispeech-lm": {
+    monkeypatch.setattr(lm, "LIBRISPEECH_LM_FILES", {"pruned": {
         "3-gram.pruned.1e-7.arpa.gz": (len(arpa), hashlib.sha256(arpa).hexdigest()),
         "librispeech-lexicon.txt": (len(lexicon), hashlib.sha256(lexicon).hexdigest())}})
-    command = ["librispeech-lm", "--root", str(tmp_path), "--base-url", server.url]
+    command = ["librispeech", "--root", str(tmp_path), "--base-url", server.url]
     server.cut_after = len(arpa) // 2
     with pytest.raises(SystemExit) as cut:
-        download.main(command)
+        lm.main(command)
     folder = tmp_path / "LibriSpeech" / "lm"
     assert "Run the same command again" in str(cut.value)
     assert not (folder / "3-gram.pruned.1e-7.arpa.gz").exists()
-    download.main(command)
+    lm.main(command)
     assert server.ranges == [0, len(arpa) // 2]
     assert sorted(p.name for p in folder.iterdir()) == ["3-gram.pruned.1e-7.arpa.gz",
                                                         "librispeech-lexicon.txt"]
@@ -1027,7 +1029,7 @@ def test_download_librispeech_lm_checks_sizes_resumes_and_keeps_files_as_publish
     for tampered in (b"not the file OpenSLR publishes\n", lexicon.replace(b"HELLO", b"HALLO")):  # same size
         server.files["librispeech-lexicon.txt"] = tampered
         with pytest.raises(SystemExit) as wrong:
-            download.main(["librispeech-lm", "--root", str(tmp_path / "other"), "--base-url", server.url])
+            lm.main(["librispeech", "--root", str(tmp_path / "other"), "--base-url", server.url])
         assert "SHA-256" in str(wrong.value) and not list((tmp_path / "other/LibriSpeech/lm").glob("*lexicon*"))
 
 
@@ -1185,20 +1187,20 @@ def test_ablation_writes_its_table_and_continues_a_stopped_one(tmp_path, capsys)
 
 # --------------------------------------------------------- hostile input, second round
 def test_lm_out_refuses_what_exists_and_what_cannot_be_written_before_any_work(tmp_path):
-    text = tmp_path / "X.lexicon.txt"  # the input text has the name of the lexicon --lm-out would write
+    text = tmp_path / "X.lexicon.txt"  # the input text has the name of the lexicon --out would write
     text.write_text("hello world\nhello there\n")
     with pytest.raises(SystemExit) as taken:
-        download.main(["--lm-from", str(text), "--lm-out", str(tmp_path / "X.arpa")])
+        lm.main(["build", str(text), "--out", str(tmp_path / "X.arpa")])
     assert str(text) in str(taken.value) and "nothing was written" in str(taken.value)
     assert text.read_text() == "hello world\nhello there\n" and not (tmp_path / "X.arpa").exists()
     with pytest.raises(SystemExit) as no_folder:
-        download.main(["--lm-from", str(text), "--lm-out", str(tmp_path / "missing/x.arpa")])
+        lm.main(["build", str(text), "--out", str(tmp_path / "missing/x.arpa")])
     assert "does not exist" in str(no_folder.value)
     (tmp_path / "digits.txt").write_text("123\n4 5\n")
     with pytest.raises(SystemExit) as no_words:
-        download.main(["--lm-from", str(tmp_path / "digits.txt"), "--lm-out", str(tmp_path / "d.arpa")])
+        lm.main(["build", str(tmp_path / "digits.txt"), "--out", str(tmp_path / "d.arpa")])
     assert str(tmp_path / "digits.txt") in str(no_words.value) and not (tmp_path / "d.arpa").exists()
-    download.main(["--lm-from", str(text), "--lm-out", str(tmp_path / "g.arpa.gz")])  # gzip, as named
+    lm.main(["build", str(text), "--out", str(tmp_path / "g.arpa.gz")])  # gzip, as named
     assert gzip.decompress((tmp_path / "g.arpa.gz").read_bytes()).startswith(b"\n\\data\\")
     assert sorted(decode.read_lm_words(tmp_path / "g.arpa.gz")) == ["hello", "there", "world"]
 
@@ -1390,3 +1392,22 @@ def test_decode_of_a_best_pt_not_yet_written_points_to_last_pt(tmp_path):
     with pytest.raises(SystemExit) as missing:
         decode.main([str(tmp_path / "run/best.pt"), "x.flac"])
     assert "no evaluation has run yet" in str(missing.value) and str(tmp_path / "run/last.pt") in str(missing.value)
+
+
+# ------------------------------------------------------------------------------- plot.py
+def test_plot_reads_a_resumed_and_a_killed_run_and_draws_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 5, "loss": 3.0, "wall_seconds": 30.0},
+               {"step": 10, "dev_wer": 90.0, "dev_cer": 60.0, "wall_seconds": 62.0},
+               {"step": 15, "loss": 1.0, "wall_seconds": 10.0},  # resumed: the clock starts again
+               {"step": 20, "dev_wer": 40.0, "dev_cer": 20.0, "wall_seconds": 40.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 25, "lo')
+    steps, evals = plot.read_metrics(run)
+    assert [r["minutes"] for r in steps] == [0.5, 72 / 60] and [r["minutes"] for r in evals] == [62 / 60, 102 / 60]
+    pytest.importorskip("matplotlib")
+    plot.main([str(run), str(run / "metrics.jsonl"), "--out", str(tmp_path / "curve.png"), "--x", "steps"])
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        plot.main([str(run), "--labels", "a", "b", "--out", str(tmp_path / "x.png")])
+    assert "2 labels for 1 runs" in capsys.readouterr().err

@@ -1,0 +1,206 @@
+"""Word n-gram language models for decode.py's beam search: build an interpolated Kneser-Ney
+ARPA from your own text, or fetch LibriSpeech's official ones.
+
+    python lm.py build AN4/train --out AN4/train.3gram.arpa      # from transcripts, 6 s for AN4
+    python lm.py build corpus.txt more.tsv --out my.4gram.arpa.gz --order 4
+    python lm.py librispeech --root .        # -> ./LibriSpeech/lm/3-gram.pruned.1e-7.arpa.gz + lexicon
+    python lm.py librispeech --root . --4gram                    # the 1.4 GB 4-gram
+
+build reads LibriSpeech-layout folders (.trans.txt), TSV manifests and plain text files (a
+sentence per line), spells every word as the model does (data.normalize), and writes the ARPA
+file (gzipped if its name ends in .gz) with its words beside it (.lexicon.txt). Everything is
+counted in memory (1.2 GB for 1.4M words). No file it would write may exist already.
+"""
+import argparse
+import collections
+import gzip
+import hashlib
+import math
+import sys
+from pathlib import Path
+
+import download
+from download import DownloadError
+from data import normalize
+
+def read_sentences(paths):
+    """Word lists from LibriSpeech-layout folders (.trans.txt), TSV manifests (the transcript
+    column) and plain text files (a sentence per line), normalized as the model spells them."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(path.rglob("*.trans.txt"))
+            if not files:
+                raise DownloadError(f"{path}: no .trans.txt files under this folder")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise DownloadError(f"{path}: no such file or folder")
+        for file in files:
+            try:
+                lines = file.read_text(encoding="utf-8-sig").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise DownloadError(f"{file}: cannot read it as UTF-8 text ({e})") from None
+            for line_no, line in enumerate(lines, 1):
+                if file.name.endswith(".trans.txt"):
+                    line = line.partition(" ")[2]  # after the utterance id
+                elif file.suffix == ".tsv":
+                    if not line.strip() or line.startswith("#"):
+                        continue
+                    if line.count("\t") != 1:  # as data.py reads manifests
+                        raise DownloadError(f"{file}:{line_no}: expected two tab-separated columns, "
+                                            f"'audio path<TAB>transcript'")
+                    line = line.partition("\t")[2]
+                words = normalize(line)[0].split()
+                if words:
+                    yield words
+
+
+def kneser_ney(sentences, order):
+    """Interpolated Kneser-Ney (one discount per order, D = n1 / (n1 + 2 n2) from the counts of
+    n-grams seen once and twice) in backoff form: [{ngram: [probability, backoff or None]}].
+    p(w | h) = max(c(h w) - D, 0) / c(h) + D * types(h) / c(h) * p(w | h without its first word),
+    and the second term's factor is h's backoff weight, so every history's column sums to 1."""
+    counts = [collections.Counter() for _ in range(order + 1)]
+    for words in sentences:
+        padded = ("<s>", *words, "</s>")
+        for n in range(1, order + 1):
+            counts[n].update(padded[i:i + n] for i in range(len(padded) - n + 1))
+    if not counts[1]:
+        raise DownloadError("the text holds no words")
+    # Lower orders count distinct left neighbours, not occurrences: a word frequent after only one
+    # word ("francisco") should not be likely after others. An n-gram at <s> has no left neighbour.
+    for n in range(1, order):
+        left = collections.Counter(gram[1:] for gram in counts[n + 1])
+        counts[n] = collections.Counter({g: c if g[0] == "<s>" else left[g] for g, c in counts[n].items()})
+    del counts[1][("<s>",)]  # never predicted; it is only a history
+    model = [{("<s>",): [0.0, None]}]
+    for n in range(1, order + 1):
+        ones, twos = (sum(1 for c in counts[n].values() if c == k) for k in (1, 2))
+        discount = ones / (ones + 2 * twos) if ones and twos else 0.5
+        totals, types = collections.Counter(), collections.Counter()
+        for gram, count in counts[n].items():
+            totals[gram[:-1]] += count
+            types[gram[:-1]] += 1
+        backoff = {history: discount * types[history] / total for history, total in totals.items()}
+        lower = model[n - 2] if n > 1 else {}
+        grams = model[0] if n == 1 else {}
+        for gram, count in counts[n].items():
+            below = lower[gram[1:]][0] if n > 1 else 1 / (len(counts[1]) + 1)  # uniform, <unk> too
+            grams[gram] = [(count - discount) / totals[gram[:-1]] + backoff[gram[:-1]] * below, None]
+        if n == 1:
+            grams[("<unk>",)] = [backoff[()] / (len(counts[1]) + 1), None]
+        else:
+            for history, weight in backoff.items():
+                model[n - 2][history][1] = weight
+            model.append(grams)
+    return model
+
+
+def write_arpa(model, path):
+    """The model as an ARPA file (tab-separated fields, as KenLM requires) and, beside it,
+    the lexicon: each word and its spelling, a line each."""
+    log10 = lambda x: f"{math.log10(x):.6f}" if x > 0 else "-99"
+    lines = ["", "\\data\\"] + [f"ngram {n}={len(grams)}" for n, grams in enumerate(model, 1)]
+    for n, grams in enumerate(model, 1):
+        lines += ["", f"\\{n}-grams:"]
+        for gram, (probability, backoff) in grams.items():
+            fields = [log10(probability), " ".join(gram)] + ([log10(backoff)] if backoff else [])
+            lines.append("\t".join(fields))
+    lines += ["", "\\end\\", ""]
+    words = sorted(g[0] for g in model[0] if g[0] not in ("<s>", "</s>", "<unk>"))
+    lexicon = "".join(f"{word}\t{' '.join(word)}\n" for word in words)
+    for target, text in zip(lm_outputs(path), ("\n".join(lines), lexicon)):
+        partial = target.with_name(target.name + ".part")
+        with (gzip.open if target.suffix == ".gz" else open)(partial, "wt", encoding="utf-8") as f:
+            f.write(text)
+        partial.replace(target)
+
+
+def lm_outputs(path):
+    """The ARPA file (gzipped if its name ends in .gz) and its lexicon beside it."""
+    return path, path.with_suffix(".lexicon.txt")
+
+
+def build_lm(text_paths, out, order):
+    """Every file it would write is checked before any work: none may exist, their folder must."""
+    taken = [str(p) for p in lm_outputs(out) if p.exists()]
+    if taken:
+        raise DownloadError(f"{' and '.join(taken)}: already there; nothing was written. Remove what "
+                            f"should go, or pick another --out.")
+    if not out.parent.is_dir():
+        raise DownloadError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    sentences = list(read_sentences(text_paths))
+    if not sentences:
+        raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled with a-z and "
+                            f"apostrophes (digits and other symbols are dropped); nothing was written")
+    model = kneser_ney(sentences, order)
+    write_arpa(model, out)
+    print(f"{out}: {', '.join(f'{len(grams):,} {n}-grams' for n, grams in enumerate(model, 1))}; "
+          f"lexicon {out.with_suffix('.lexicon.txt')}", file=sys.stderr)
+
+
+LIBRISPEECH_LM_MIRROR = "https://www.openslr.org/resources/11"
+# LibriSpeech's word n-gram LMs and word list (openslr.org/11), upper case as its transcripts:
+# {file: (bytes, SHA-256)}. OpenSLR publishes the sizes (Kaldi's LibriSpeech recipe checks the same)
+# but no checksums; the SHA-256s are those RWTH's recipes check the official files against
+# (rwth-i6/i6_experiments, common/datasets/librispeech/: language_model.py for 4-gram.arpa.gz,
+# lexicon.py for the lexicon; 3-gram.pruned.1e-7 from a recipe built on them).
+LIBRISPEECH_LM_FILES = {
+    "pruned": {
+        "3-gram.pruned.1e-7.arpa.gz":
+            (34_094_057, "71dd880667cb6ea3942bb1982988c91fb1208839a21911eeec7e31c857c4bdfb"),
+        "librispeech-lexicon.txt":
+            (5_627_646, "d722bc29908cd338ae738edd70f61826a6fca29aaa704a9493f0006773f79d71")},
+    "4gram": {
+        "4-gram.arpa.gz":
+            (1_355_172_078, "f2b2d1507637ddf459d3579159f7e8099ed7d77452ff1059aeeeaea33d274613")},
+}
+
+
+def fetch_librispeech_lm(name, root, base_url):
+    """Fetch one of LIBRISPEECH_LM_FILES' sets into root/LibriSpeech/lm, as published (KenLM and
+    decode.py read the gzipped ARPA files as they are)."""
+    folder = root / "LibriSpeech" / "lm"
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name, (size, sha256) in LIBRISPEECH_LM_FILES[name].items():
+        final = folder / file_name
+        if final.exists():
+            print(f"{final} is already there; skipping it", file=sys.stderr)
+            continue
+        part = folder / f"{file_name}.part"
+        download.fetch_archive(f"{base_url}/{file_name}", part)
+        actual = (part.stat().st_size, download.digest_of(part, hashlib.sha256()))
+        if actual != (size, sha256):
+            part.unlink()
+            raise DownloadError(f"{file_name} from {base_url} is not OpenSLR's ({actual[0]:,} bytes, SHA-256 "
+                                f"{actual[1]}; expected {size:,}, {sha256}); the file was removed. Run the "
+                                f"command again, or try another --base-url.")
+        part.rename(final)
+        print(f"{final}: ready", file=sys.stderr)
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="an n-gram LM from text")
+    build.add_argument("text", nargs="+", help="LibriSpeech-layout folders, TSV manifests or text files")
+    build.add_argument("--out", type=Path, required=True, help="the ARPA file (and its .lexicon.txt)")
+    build.add_argument("--order", type=int, default=3, choices=range(2, 7), metavar="N",
+                       help="n of the n-gram LM (2-6: KenLM reads bigrams and longer)")
+    fetch = commands.add_parser("librispeech", help="LibriSpeech's official LMs (openslr.org/11)")
+    fetch.add_argument("--root", default=".", help="the LMs go to <root>/LibriSpeech/lm")
+    fetch.add_argument("--4gram", dest="four_gram", action="store_true",
+                       help="the 1.4 GB 4-gram instead of the pruned 3-gram and the word list (40 MB)")
+    fetch.add_argument("--base-url", default=LIBRISPEECH_LM_MIRROR,
+                       help="another location of the files; they are checked against the official SHA-256s")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order))
+    else:
+        name = "4gram" if args.four_gram else "pruned"
+        download.exit_on_errors(lambda: fetch_librispeech_lm(name, download.writable_root(args.root),
+                                                             args.base_url.rstrip("/")))
+
+
+if __name__ == "__main__":
+    main()
