@@ -147,7 +147,7 @@ def _read_manifest(path):
     return items
 
 
-def _audio_info(paths):
+def audio_info(paths):
     """{path: (frames, sample_rate) or None if unreadable} from file headers, cached on disk by
     (path, size, mtime) so the second start on a large corpus does not reopen every file."""
     cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctc-baseline"
@@ -214,7 +214,7 @@ def read_corpus(paths, log=print):
             for audio in files:
                 if audio.suffix.lower() in AUDIO_SUFFIXES and audio not in listed:
                     skip("audio without transcript (ignored)", audio)
-        info, usable_before = _audio_info([a for _, a, _ in present]), len(utterances)
+        info, usable_before = audio_info([a for _, a, _ in present]), len(utterances)
         for utt_id, audio, raw in present:
             text, dropped = normalize(raw)
             stats["characters dropped by normalization"] += dropped

@@ -18,8 +18,9 @@ end, decoded chunk by chunk, and the text joined in order.
 import argparse
 import collections
 import functools
-import math
 import gzip
+import json
+import math
 import sys
 import tempfile
 import zlib
@@ -29,9 +30,10 @@ import numpy as np
 import torch
 
 import data
-from model import HOP, SAMPLE_RATE, WINDOW, build_from_checkpoint, lengths_mask
+from model import FRAMES_PER_SECOND, HOP, SAMPLE_RATE, WINDOW, build_from_checkpoint, lengths_mask
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
+WINDOW_BATCHES = 32   # inputs are sorted by length this many batches at a time, then written in order
 # The decoder's names for our symbols: the blank stays "_", the space is its word boundary "|".
 TOKENS = ["|" if symbol == " " else symbol for symbol in data.VOCAB]
 # Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
@@ -134,8 +136,25 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
             raise ValueError(f"{lm}: KenLM cannot load it: {str(e).splitlines()[-1]}") from None
 
 
-def beam_search_decode(decoder, log_probs, out_lengths):
-    """The best word sequence of the beam search for each utterance, in our spelling."""
+def greedy_spans(log_probs, out_lengths):
+    """Per utterance, the best path's symbols as [(symbol, first frame, last frame)]: what
+    greedy_decode reads, with where each symbol is."""
+    best = log_probs.argmax(-1).cpu()
+    new_symbol = torch.ones_like(best, dtype=torch.bool)
+    new_symbol[:, 1:] = best[:, 1:] != best[:, :-1]
+    spans = []
+    for row, starts, length in zip(best, new_symbol, out_lengths.tolist()):
+        first = starts[:length].nonzero()[:, 0]
+        last = torch.cat([first[1:], torch.tensor([length])]) - 1
+        symbols = row[first].tolist()
+        spans.append([(data.VOCAB[s], f, l) for s, f, l in zip(symbols, first.tolist(), last.tolist())
+                      if s != data.BLANK])
+    return spans
+
+
+def beam_search_spans(decoder, log_probs, out_lengths):
+    """Per utterance, the beam search's best transcript as [(symbol, frame, frame)], spelled in our
+    letters (the lexicon spells each word so) at the frame where each letter is emitted."""
     # A word is complete only at a word boundary, and the model (trained on transcripts without a
     # trailing space) emits none after the last word: append one frame that is surely a boundary.
     batch, frames, symbols = log_probs.shape
@@ -145,8 +164,33 @@ def beam_search_decode(decoder, log_probs, out_lengths):
     out_lengths = out_lengths.cpu()
     real_frames = log_probs.float().cpu()[lengths_mask(out_lengths, frames)]
     emissions[lengths_mask(out_lengths, frames + 1)] = real_frames  # the boundary frame right after
-    results = decoder(emissions, (out_lengths + 1).int())
-    return [" ".join(data.normalize(w)[0] for w in nbest[0].words) if nbest else "" for nbest in results]
+    spans = []
+    for nbest in decoder(emissions, (out_lengths + 1).int()):
+        tokens, times = (nbest[0].tokens.tolist(), nbest[0].timesteps.tolist()) if nbest else ([], [])
+        kept, words = [], 0
+        # Flashlight counts frames from 1: its step 0 is the start of the search, before any frame.
+        for symbol, frame in ((data.VOCAB[t], f - 1) for t, f in zip(tokens, times) if t != data.BLANK):
+            if words == len(nbest[0].words):  # the path may end inside a word it never finished
+                break
+            words += symbol == " " and bool(kept) and kept[-1][0] != " "
+            kept.append((symbol, frame, frame))
+        spans.append(kept)
+    return spans
+
+
+def words_with_times(spans, seconds_per_frame, offset=0.0):
+    """[{"word", "start", "end"}] from one utterance's spans: a word lasts from the first frame
+    of its first letter to the end of the last frame of its last, in seconds after offset."""
+    words, letters = [], []
+    for symbol, first, last in spans + [(" ", None, None)]:
+        if symbol != " ":
+            letters.append((symbol, first, last))
+        elif letters:
+            words.append({"word": "".join(s for s, _, _ in letters),
+                          "start": round(offset + letters[0][1] * seconds_per_frame, 3),
+                          "end": round(offset + (letters[-1][2] + 1) * seconds_per_frame, 3)})
+            letters = []
+    return words
 
 
 def edit_distance(ref, hyp):
@@ -217,27 +261,72 @@ def resolve_inputs(paths):
 
 
 @torch.no_grad()
-def transcribe(model, waves, device, batch_seconds, chunk_seconds, decode=greedy_decode):
-    """Transcripts for a list of 1-D waveforms, batched by length; decode(log_probs, out_lengths)
-    turns a batch's model output into text."""
-    # A piece under one analysis window (a cut just before the end) has no output frames.
-    pieces = [(i, piece) for i, wave in enumerate(waves) for piece in split_chunks(wave, chunk_seconds)
-              if len(piece) >= WINDOW]
-    seconds = [len(p) / SAMPLE_RATE for _, p in pieces]
-    texts = [[] for _ in range(len(pieces))]
-    for batch in data.BucketBatches(seconds, batch_seconds, shuffle=False):
-        chunk = [pieces[j][1] for j in batch]
+def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=greedy_spans):
+    """[(text, words with times)] for a list of 1-D waveforms, batched by length; spans(log_probs,
+    out_lengths) reads a batch's model output. A recording cut into chunks keeps its times from
+    its own start."""
+    seconds_per_frame = model.config.time_stride / FRAMES_PER_SECOND
+    pieces = []  # (recording, its first sample, samples)
+    for i, wave in enumerate(waves):
+        start = 0
+        for piece in split_chunks(wave, chunk_seconds):
+            if len(piece) >= WINDOW:  # under one analysis window (a cut just before the end): no frames
+                pieces.append((i, start, piece))
+            start += len(piece)
+    words = [[] for _ in pieces]
+    for batch in data.BucketBatches([len(p) / SAMPLE_RATE for _, _, p in pieces], batch_seconds, shuffle=False):
+        chunk = [pieces[j][2] for j in batch]
         wave_lengths = torch.tensor([len(c) for c in chunk])
         padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             log_probs, out_lengths = model(padded, wave_lengths)
-        for j, text in zip(batch, decode(log_probs, out_lengths)):
-            texts[j] = text
+        for j, found in zip(batch, spans(log_probs, out_lengths)):
+            words[j] = words_with_times(found, seconds_per_frame, pieces[j][1] / SAMPLE_RATE)
     joined = [[] for _ in waves]
-    for (i, _), text in zip(pieces, texts):
-        if text:
-            joined[i].append(text)
-    return [" ".join(parts) for parts in joined]
+    for (i, _, _), piece_words in zip(pieces, words):
+        joined[i] += piece_words
+    return [(" ".join(w["word"] for w in recording), recording) for recording in joined]
+
+
+class Inputs(torch.utils.data.Dataset):
+    """Input i -> (i, waveform or None, why not), read in a DataLoader worker."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return (i, *data.load_usable_audio(self.paths[i]))
+
+
+def decode_in_order(model, paths, device, args, spans):
+    """(input index, text, words, problem) for every input, in input order, as each window of
+    consecutive inputs is done. Workers read the audio while the model decodes; within a window
+    the inputs are batched by length. Memory does not grow with the number of inputs."""
+    info = data.audio_info([Path(p) for p in paths])
+    seconds = [info[Path(p)][0] / info[Path(p)][1] if info[Path(p)] else 0.0 for p in paths]
+    batches, start = [], 0
+    while start < len(paths):  # a window: about WINDOW_BATCHES batches of consecutive inputs
+        end = start + 1
+        while end < len(paths) and sum(seconds[start:end + 1]) <= WINDOW_BATCHES * args.batch_seconds:
+            end += 1
+        window = data.BucketBatches(seconds[start:end], args.batch_seconds, shuffle=False).batches
+        batches += [[start + i for i in batch] for batch in window]
+        start = end
+    loader = torch.utils.data.DataLoader(Inputs(paths), batch_sampler=batches, collate_fn=list,
+                                         num_workers=args.workers, prefetch_factor=2 if args.workers else None)
+    done, next_index = {}, 0
+    for items in loader:
+        usable = [(i, wave) for i, wave, problem in items if wave is not None]
+        results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
+                             args.chunk_seconds, spans) if usable else []
+        done.update({i: (i, None, None, problem) for i, _, problem in items if problem})
+        done.update({i: (i, text, words, None) for (i, _), (text, words) in zip(usable, results)})
+        while next_index in done:
+            yield done.pop(next_index)
+            next_index += 1
 
 
 def main(argv=None):
@@ -251,6 +340,9 @@ def main(argv=None):
                         help="padded audio per batch")
     parser.add_argument("--chunk-seconds", type=data.in_range(float, SEARCH_SECONDS, 24 * 3600, low_open=True),
                         default=30.0, help="longer audio is decoded in chunks cut at pauses")
+    parser.add_argument("--workers", type=data.in_range(int, 0), default=1, help="processes reading audio")
+    parser.add_argument("--timestamps", action="store_true",
+                        help='JSON lines: {"id", "text", "words": [{"word", "start", "end"}]}, seconds')
     beam = parser.add_argument_group("beam search (with --lm or --lexicon; the default is greedy)")
     beam.add_argument("--lm", type=Path, help="word n-gram LM: ARPA (.arpa, .arpa.gz) or KenLM binary")
     beam.add_argument("--lexicon", type=Path, help="the words it may output, the first on each line "
@@ -263,14 +355,14 @@ def main(argv=None):
     settings = {name: getattr(args, name) for name in BEAM_DEFAULTS}
     if not (args.lm or args.lexicon) and any(v is not None for v in settings.values()):
         parser.error("--beam-size, --lm-weight and --word-score need --lm or --lexicon")
-    decode = greedy_decode
+    spans = greedy_spans
     if args.lm or args.lexicon:
         settings = {name: BEAM_DEFAULTS[name] if v is None else v for name, v in settings.items()}
         try:
             decoder = build_beam_search(args.lm, args.lexicon, **settings)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
-        decode = functools.partial(beam_search_decode, decoder)
+        spans = functools.partial(beam_search_spans, decoder)
 
     device = torch.device(args.device)
     try:
@@ -286,31 +378,26 @@ def main(argv=None):
     model.to(device).eval()
 
     utterances = resolve_inputs(args.inputs)
-    ids, waves, refs = [], [], []
-    for utt_id, path, ref in utterances:
-        wave, problem = data.load_usable_audio(path)
+    single = len(utterances) == 1 and Path(args.inputs[0]).is_file() and utterances[0][2] is None
+    scored, failed = [], 0
+    for i, text, words, problem in decode_in_order(model, [p for _, p, _ in utterances], device, args, spans):
+        utt_id, path, ref = utterances[i]
         if problem:
             print(f"error: {path}: {problem}; skipped", file=sys.stderr)
-            continue
-        waves.append(wave)
-        ids.append(utt_id)
-        refs.append(ref)
-    if not waves:
+            failed += 1
+        elif args.timestamps:
+            print(json.dumps({"id": utt_id, "text": text, "words": words}), flush=True)
+        else:
+            print(text if single else f"{utt_id}\t{text}", flush=True)
+        if ref is not None and not problem:
+            scored.append((ref, text))
+    if failed == len(utterances):
         sys.exit("error: nothing was decoded")
-    hyps = transcribe(model, waves, device, args.batch_seconds, args.chunk_seconds, decode)
-
-    if len(args.inputs) == 1 and len(hyps) == 1 and Path(args.inputs[0]).is_file() and refs[0] is None:
-        print(hyps[0])
-        return
-    for utt_id, hyp in zip(ids, hyps):
-        print(f"{utt_id}\t{hyp}")
-    scored = [(r, h) for r, h in zip(refs, hyps) if r is not None]
     if scored:
         wer, cer = error_rates(*zip(*scored))
         print(f"WER {wer:.2f}%  CER {cer:.2f}%  ({len(scored)} utterances with references)", file=sys.stderr)
-    if len(waves) < len(utterances):
-        print(f"warning: {len(utterances) - len(waves)} of {len(utterances)} inputs could not be decoded",
-              file=sys.stderr)
+    if failed:
+        print(f"warning: {failed} of {len(utterances)} inputs could not be decoded", file=sys.stderr)
 
 
 if __name__ == "__main__":

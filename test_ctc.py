@@ -5,6 +5,7 @@
 import argparse
 import dataclasses
 import fcntl
+import functools
 import gzip
 import hashlib
 import http.server
@@ -140,6 +141,12 @@ def letter_frames(*frames):
             probs[t, data.CHAR_TO_ID[symbol]] = p
         probs[t, data.BLANK] += 1 - float(probs[t].sum())
     return probs.log()[None]
+
+
+def beam_texts(decoder, log_probs, lengths):
+    """The beam search's transcripts, as decode.py prints them."""
+    return [" ".join(w["word"] for w in decode.words_with_times(spans, 0.04))
+            for spans in decode.beam_search_spans(decoder, log_probs, lengths)]
 
 
 def train_one_rank(rank, flags, port, out_dir):
@@ -453,11 +460,11 @@ def test_a_small_model_learns_to_read_tone_bursts(tmp_path, precision):
                 "--lr", "3e-3", "--warmup-steps", "30", "--eval-every", "50", "--log-every", "50", precision])
     model, _ = build_from_checkpoint(tmp_path / "run/best.pt")
     waves = [data.load_audio(p) for p in sorted(test_dir.rglob("*.flac"))]
-    hyps = decode.transcribe(model.eval(), waves, torch.device("cpu"), 60, 30)
+    hyps = [text for text, _ in decode.transcribe(model.eval(), waves, torch.device("cpu"), 60, 30)]
     assert decode.error_rates(test_texts, hyps)[1] < 10.0, list(zip(test_texts, hyps))[:5]
     # A recording longer than a chunk is cut in pauses, decoded piece by piece, joined in order.
     long_wave = torch.cat(waves[:12])
-    joined = decode.transcribe(model, [long_wave], torch.device("cpu"), 60, chunk_seconds=3.0)[0]
+    joined = decode.transcribe(model, [long_wave], torch.device("cpu"), 60, chunk_seconds=3.0)[0][0]
     assert decode.error_rates(["".join(test_texts[:12])], [joined.replace(" ", "")])[1] < 10.0
 
 
@@ -784,9 +791,9 @@ def test_a_ten_minute_recording_is_decoded_in_chunks_cut_at_pauses():
     assert all(len(p) <= 30 * data.SAMPLE_RATE for p in pieces)
     assert all(float(p[-80:].abs().max()) < 0.01 for p in pieces[:-1])  # cut in a gap between bursts
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2)).eval()
-    assert isinstance(decode.transcribe(model, [minutes], torch.device("cpu"), 120, 30.0)[0], str)
+    assert isinstance(decode.transcribe(model, [minutes], torch.device("cpu"), 120, 30.0)[0][0], str)
     # A piece under one 25 ms analysis window (say, cut just before the end) is not sent to the STFT.
-    assert decode.transcribe(model, [torch.randn(300)], torch.device("cpu"), 120, 30.0) == [""]
+    assert decode.transcribe(model, [torch.randn(300)], torch.device("cpu"), 120, 30.0) == [("", [])]
 
 
 # ---------------------------------------------------------- beam search and language models
@@ -798,9 +805,9 @@ def test_an_lm_fixes_a_spelling_the_acoustics_alone_get_wrong(tmp_path):
     (tmp_path / "lm.arpa").write_text(tiny_arpa({"cat": -0.1, "cot": -2.0}))
     settings = {"beam_size": 10, "lm_weight": 1.0, "word_score": 0.0}
     lexicon_only = decode.build_beam_search(None, tmp_path / "words.txt", **settings)
-    assert decode.beam_search_decode(lexicon_only, log_probs, lengths) == ["cot"]
+    assert beam_texts(lexicon_only, log_probs, lengths) == ["cot"]
     with_lm = decode.build_beam_search(tmp_path / "lm.arpa", None, **settings)  # lexicon: the LM's words
-    assert decode.beam_search_decode(with_lm, log_probs, lengths) == ["cat"]
+    assert beam_texts(with_lm, log_probs, lengths) == ["cat"]
 
 
 def test_lexicon_constrained_output_is_always_in_the_lexicon(tmp_path):
@@ -810,7 +817,7 @@ def test_lexicon_constrained_output_is_always_in_the_lexicon(tmp_path):
     lexicon = {"a", "bad", "cab", "it's", "dead"}
     (tmp_path / "words.txt").write_text("".join(f"{w}\n" for w in sorted(lexicon)))
     decoder = decode.build_beam_search(None, tmp_path / "words.txt", 20, 1.0, 2.0)
-    words = [w for text in decode.beam_search_decode(decoder, log_probs, lengths) for w in text.split()]
+    words = [w for text in beam_texts(decoder, log_probs, lengths) for w in text.split()]
     assert words and set(words) <= lexicon
     greedy = {w for text in decode.greedy_decode(log_probs, lengths) for w in text.split()}
     assert greedy - lexicon  # unconstrained, the same frames spell other words
@@ -1024,7 +1031,7 @@ def test_lm_librispeech_checks_sizes_and_sha256_resumes_and_keeps_files_as_publi
     assert decode.read_lexicon(folder / "librispeech-lexicon.txt") == ["HELLO", "WORLD"]
     decoder = decode.build_beam_search(folder / "3-gram.pruned.1e-7.arpa.gz", None, 5, 1.0, 0.0)
     log_probs = letter_frames(*({c: 0.9} if c != "_" else {} for c in "h_e_l_l_o"))
-    assert decode.beam_search_decode(decoder, log_probs, torch.tensor([9])) == ["hello"]  # our spelling
+    assert beam_texts(decoder, log_probs, torch.tensor([9])) == ["hello"]  # our spelling
 
     for tampered in (b"not the file OpenSLR publishes\n", lexicon.replace(b"HELLO", b"HALLO")):  # same size
         server.files["librispeech-lexicon.txt"] = tampered
@@ -1411,3 +1418,55 @@ def test_plot_reads_a_resumed_and_a_killed_run_and_draws_them(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main([str(run), "--labels", "a", "b", "--out", str(tmp_path / "x.png")])
     assert "2 labels for 1 runs" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- word timestamps
+class LoudnessModel(torch.nn.Module):
+    """A model whose output is known: on each loud stretch of audio it spells "ab" ("a" on the first
+    loud output frame, "b" on the last), and a space on quiet frames, at 25 output frames/s."""
+    config = ModelConfig(time_stride=4)
+    samples_per_frame = data.SAMPLE_RATE // 25
+
+    def forward(self, waves, wave_lengths):
+        frames = waves.shape[1] // self.samples_per_frame
+        loud = waves[:, :frames * self.samples_per_frame].reshape(len(waves), frames, -1).abs().amax(-1) > 0.01
+        symbol = torch.where(loud, data.BLANK, data.CHAR_TO_ID[" "])
+        starts = loud & ~torch.nn.functional.pad(loud, (1, 0))[:, :-1]
+        ends = loud & ~torch.nn.functional.pad(loud, (0, 1))[:, 1:]
+        symbol[starts], symbol[ends & ~starts] = data.CHAR_TO_ID["a"], data.CHAR_TO_ID["b"]
+        log_probs = torch.full((len(waves), frames, len(data.VOCAB)), -30.0).scatter(2, symbol[..., None], 0.0)
+        return log_probs, torch.div(wave_lengths, self.samples_per_frame, rounding_mode="floor")
+
+
+def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_path):
+    spoken = [(3.0, 3.5), (10.0, 11.0), (15.24, 15.6), (31.0, 31.4)]  # seconds
+    wave = torch.zeros(40 * data.SAMPLE_RATE)
+    for start, end in spoken:
+        wave[int(start * data.SAMPLE_RATE):int(end * data.SAMPLE_RATE)] = 0.5
+    (tmp_path / "words.txt").write_text("ab\n")
+    beam = functools.partial(decode.beam_search_spans, decode.build_beam_search(None, tmp_path / "words.txt",
+                                                                                 10, 1.0, 0.0))
+    frame = 1 / 25
+    results = {(chunk, name): decode.transcribe(LoudnessModel(), [wave], torch.device("cpu"), 100, chunk, spans)[0]
+               for chunk in (60.0, 7.0) for name, spans in (("greedy", decode.greedy_spans), ("beam", beam))}
+    for (chunk, name), (text, words) in results.items():
+        assert text == "ab ab ab ab", (chunk, name)
+        for word, (start, end) in zip(words, spoken):
+            assert abs(word["start"] - start) <= frame and abs(word["end"] - end) <= frame, (chunk, name, word)
+    assert results[(60.0, "greedy")] == results[(7.0, "greedy")]  # chunked: times from the recording's start
+
+
+def test_decode_timestamps_are_json_lines_in_input_order_for_a_single_file_too(tmp_path):
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
+    train.save_atomically(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    names = ["long.wav", "short.wav", "mid.wav"]  # not in length order: the output still is in input order
+    for name, text in zip(names, ["abcabcabcabc", "ab", "abcab"]):
+        soundfile.write(tmp_path / name, tones(text), 16000)
+    many = run_script("decode.py", tmp_path / "m.pt", *(tmp_path / n for n in names), "--timestamps")
+    lines = [json.loads(line) for line in many.stdout.splitlines()]
+    assert many.returncode == 0 and [line["id"] for line in lines] == ["long", "short", "mid"]
+    for line in lines:
+        assert line["text"] == " ".join(w["word"] for w in line["words"])
+        assert all(0 <= w["start"] < w["end"] <= 2.0 for w in line["words"])
+    one = run_script("decode.py", tmp_path / "m.pt", tmp_path / "short.wav", "--timestamps", "--workers", "0")
+    assert one.returncode == 0 and json.loads(one.stdout)["id"] == "short"
