@@ -32,7 +32,8 @@ from torch import nn
 
 import data
 import train
-from model import TIME_STRIDES, BiGRULayer, CTCModel, ModelConfig, frame_lengths, lengths_mask
+from model import (TIME_STRIDES, BiGRULayer, CTCModel, ModelConfig, frame_lengths, gradient_norms_by_block,
+                   lengths_mask)
 
 # The README's AN4 recipe, less --data/--dev (a test checks that the two agree).
 RECIPE = ["--rnn-layers", "3", "--rnn-hidden", "256", "--time-stride", "4", "--batch-seconds", "100",
@@ -270,15 +271,15 @@ def inspect(model, dev_paths, samples=2):
     model.zero_grad()
     F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths.clamp(max=log_probs.shape[1]),
                batch["target_lengths"], blank=data.BLANK, zero_infinity=True).backward()
-    norms = train.gradient_norms_by_block(model)
+    norms = gradient_norms_by_block(model)
     model.zero_grad()
     letters = lambda texts: ["".join(c for c in t if c.isalpha()) for t in texts]
     wer, _ = train.decode.error_rates(refs, hyps)
     _, letter_cer = train.decode.error_rates(letters(refs), letters(hyps))
     n, total, squares = sums.T
     std = ((squares - total ** 2 / n) / n).clamp(min=0).sqrt()
-    longest = [u["id"] for u in sorted(utterances, key=lambda u: (-sum(map(str.isalpha, u["text"])), u["id"]))]
-    longest = longest[:samples]
+    by_letters = sorted(utterances, key=lambda u: (-sum(map(str.isalpha, u["text"])), u["id"]))
+    longest = [u["id"] for u in by_letters[:samples]]
     return {"letter_cer": letter_cer, "wer": wer, "blank_share": blank / max(frames, 1),
             "gru_std": [float(f"{s:.3g}") for s in std], "grad_norms": norms,
             "samples": [(refs[ids.index(i)], hyps[ids.index(i)]) for i in longest]}
@@ -427,7 +428,8 @@ def main(argv=None):
         if (args.out / key).exists():
             sys.exit(f"error: {args.out / key} holds an unfinished row (the table was stopped during it); "
                      f"remove that folder to run the row again")
-        print(f"{key}: training for {args.minutes} min ({rows[key.removeprefix('long/')][0]})", file=sys.stderr)
+        what = rows[key.removeprefix("long/")][0]
+        print(f"{key}: training for {args.minutes} min ({what})", file=sys.stderr)
         done[key] = run_row(key, args, args.out)
         verdict = done[key]["error"] or f"dev letter CER {done[key].get('letter_cer', math.nan):.1f}%"
         print(f"{key}: {verdict}", file=sys.stderr)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import unicodedata
 from pathlib import Path
@@ -74,10 +75,6 @@ def normalize(text):
 
 def encode(text):
     return [CHAR_TO_ID[c] for c in text]
-
-
-def decode_ids(ids):
-    return "".join(VOCAB[i] for i in ids if i != BLANK)
 
 
 # ---------------------------------------------------------------------------------- corpus
@@ -286,6 +283,13 @@ def load_usable_audio(path):
     if not bool(wave.abs().max() > 0):
         return None, "silent audio"
     return wave, None
+
+
+def ignore_signals(_):
+    """A DataLoader worker_init_fn: workers leave Ctrl-C and SIGTERM to the main process (train.py
+    saves and exits)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class AudioDataset(torch.utils.data.Dataset):

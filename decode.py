@@ -43,15 +43,27 @@ BEAM_DEFAULTS = {"beam_size": 100, "lm_weight": 1.5, "word_score": 0.5}
 MAX_BEAM = 10_000
 
 
-def greedy_decode(log_probs, out_lengths):
-    """Best path: argmax per frame, collapse repeats, drop blanks, stop at each output length.
-    A letter repeated with a blank between ("l _ l") stays double."""
-    best = log_probs.argmax(-1).cpu()                       # (B, T)
+def greedy_spans(log_probs, out_lengths):
+    """Per utterance, the best path (argmax per frame, repeats collapsed, blanks dropped, up to
+    each output length) as [(symbol, first frame, last frame)]. A letter repeated with a blank
+    between ("l _ l") stays double."""
+    best = log_probs.argmax(-1).cpu()
     new_symbol = torch.ones_like(best, dtype=torch.bool)
     new_symbol[:, 1:] = best[:, 1:] != best[:, :-1]
-    keep = new_symbol & lengths_mask(out_lengths.cpu(), best.shape[1]) & (best != data.BLANK)
-    # Spaces are symbols too: squeeze the doubled or leading ones a best path can hold.
-    return [" ".join(data.decode_ids(row[k].tolist()).split()) for row, k in zip(best, keep)]
+    spans = []
+    for row, starts, length in zip(best, new_symbol, out_lengths.tolist()):
+        first = starts[:length].nonzero()[:, 0]
+        last = torch.cat([first[1:], torch.tensor([length])]) - 1
+        symbols = row[first].tolist()
+        spans.append([(data.VOCAB[s], f, l) for s, f, l in zip(symbols, first.tolist(), last.tolist())
+                      if s != data.BLANK])
+    return spans
+
+
+def greedy_decode(log_probs, out_lengths):
+    """The best path's text; doubled or leading spaces, which a best path can hold, squeezed."""
+    paths = greedy_spans(log_probs, out_lengths)
+    return [" ".join("".join(symbol for symbol, _, _ in spans).split()) for spans in paths]
 
 
 def read_lm_words(path):
@@ -117,7 +129,7 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
         unknown = [w for w in words if w not in known]
         if len(unknown) > len(words) / 2:
             raise ValueError(f"{len(unknown):,} of the {len(words):,} words of {lexicon} are not in {lm} "
-                             f"(e.g. {', '.join(unknown[:3])}; the LM has {', '.join(lm_words[:3])}): is one in "
+                             f"(e.g. {', '.join(unknown[:3])}; the LM has {', '.join(lm_words[:3])}): one in "
                              f"upper case and the other in lower? Use a lexicon written in the LM's spelling")
     # Decoder words stay as the LM writes them ("HELLO" in LibriSpeech's); spelled in our vocabulary.
     spellings = {w: data.normalize(w)[0] for w in words}
@@ -134,22 +146,6 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
                                blank_token=data.VOCAB[data.BLANK], sil_token="|")
         except RuntimeError as e:  # KenLM's message says what it could not parse
             raise ValueError(f"{lm}: KenLM cannot load it: {str(e).splitlines()[-1]}") from None
-
-
-def greedy_spans(log_probs, out_lengths):
-    """Per utterance, the best path's symbols as [(symbol, first frame, last frame)]: what
-    greedy_decode reads, with where each symbol is."""
-    best = log_probs.argmax(-1).cpu()
-    new_symbol = torch.ones_like(best, dtype=torch.bool)
-    new_symbol[:, 1:] = best[:, 1:] != best[:, :-1]
-    spans = []
-    for row, starts, length in zip(best, new_symbol, out_lengths.tolist()):
-        first = starts[:length].nonzero()[:, 0]
-        last = torch.cat([first[1:], torch.tensor([length])]) - 1
-        symbols = row[first].tolist()
-        spans.append([(data.VOCAB[s], f, l) for s, f, l in zip(symbols, first.tolist(), last.tolist())
-                      if s != data.BLANK])
-    return spans
 
 
 def beam_search_spans(decoder, log_probs, out_lengths):
@@ -274,7 +270,8 @@ def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=greedy_
                 pieces.append((i, start, piece))
             start += len(piece)
     words = [[] for _ in pieces]
-    for batch in data.BucketBatches([len(p) / SAMPLE_RATE for _, _, p in pieces], batch_seconds, shuffle=False):
+    seconds = [len(p) / SAMPLE_RATE for _, _, p in pieces]
+    for batch in data.BucketBatches(seconds, batch_seconds, shuffle=False):
         chunk = [pieces[j][2] for j in batch]
         wave_lengths = torch.tensor([len(c) for c in chunk])
         padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device)
@@ -316,7 +313,7 @@ def decode_in_order(model, paths, device, args, spans):
         batches += [[start + i for i in batch] for batch in window]
         start = end
     loader = torch.utils.data.DataLoader(Inputs(paths), batch_sampler=batches, collate_fn=list,
-                                         num_workers=args.workers, prefetch_factor=2 if args.workers else None)
+                                         num_workers=args.workers, worker_init_fn=data.ignore_signals)
     done, next_index = {}, 0
     for items in loader:
         usable = [(i, wave) for i, wave, problem in items if wave is not None]
@@ -338,7 +335,7 @@ def main(argv=None):
     parser.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-seconds", type=data.in_range(float, 0, low_open=True), default=300.0,
                         help="padded audio per batch")
-    parser.add_argument("--chunk-seconds", type=data.in_range(float, SEARCH_SECONDS, 24 * 3600, low_open=True),
+    parser.add_argument("--chunk-seconds", type=data.in_range(float, SEARCH_SECONDS, 86400, low_open=True),
                         default=30.0, help="longer audio is decoded in chunks cut at pauses")
     parser.add_argument("--workers", type=data.in_range(int, 0), default=1, help="processes reading audio")
     parser.add_argument("--timestamps", action="store_true",
@@ -350,7 +347,7 @@ def main(argv=None):
     beam.add_argument("--beam-size", type=data.in_range(int, 1, MAX_BEAM + 1),
                       help=f"default {BEAM_DEFAULTS['beam_size']}, at most {MAX_BEAM:,}")
     beam.add_argument("--lm-weight", type=finite, help=f"default {BEAM_DEFAULTS['lm_weight']}")
-    beam.add_argument("--word-score", type=finite, help=f"added per word; default {BEAM_DEFAULTS['word_score']}")
+    beam.add_argument("--word-score", type=finite, help=f"per word; default {BEAM_DEFAULTS['word_score']}")
     args = parser.parse_args(argv)
     settings = {name: getattr(args, name) for name in BEAM_DEFAULTS}
     if not (args.lm or args.lexicon) and any(v is not None for v in settings.values()):

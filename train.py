@@ -4,14 +4,13 @@
     python train.py --resume runs/<run>/last.pt             # continue a stopped run exactly
     torchrun --nproc_per_node=4 train.py --data ... --dev ...   # DistributedDataParallel
 
-The README has the CPU recipe (AN4, real speech, about 20 minutes on 2 cores). Every
---log-every steps a line shows loss, learning rate, gradient norm, x-realtime (audio seconds
-trained per wall second), data wait, the share of blank frames in the greedy output, peak
-memory and ETA; every --eval-every steps, dev WER/CER. The same numbers go to
-<run>/metrics.jsonl. <run>/last.pt is written every --save-every steps and on Ctrl-C;
-<run>/best.pt has the best dev WER.
+The README has the CPU recipe (AN4). Every --log-every steps a line shows loss, learning rate,
+gradient norm, x-realtime (audio seconds per wall second), data wait, the blank share of the greedy
+output, peak memory and ETA; every --eval-every steps, dev WER/CER; the same go to <run>/metrics.jsonl.
+<run>/last.pt is written every --save-every steps and on Ctrl-C; <run>/best.pt has the best dev WER.
 """
 import argparse
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -32,7 +31,8 @@ import torch.distributed as dist
 
 import data
 import decode
-from model import FRAMES_PER_SECOND, CTCModel, ModelConfig, lengths_mask, model_checkpoint
+from model import (FRAMES_PER_SECOND, CTCModel, ModelConfig, gradient_norms_by_block, lengths_mask,
+                   model_checkpoint, save_atomically)
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
@@ -124,25 +124,6 @@ def learning_rate(step, total_steps, args):
     return args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_atomically(obj, path):
-    """Write to a temp file, fsync, rename: a crash mid-write leaves the old file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def model_config(args):
     """The model the flags describe."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)} & vars(args).keys()
@@ -152,8 +133,8 @@ def model_config(args):
 def resume_command(checkpoint, world_size):
     """The command that continues a run from this checkpoint, ready to paste."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # set by torchrun
-    launcher = "python" if world_size == 1 else f"torchrun --nnodes={world_size // per_node} --nproc_per_node={per_node}"
-    return f"{launcher} train.py --resume {shlex.quote(str(checkpoint))}"
+    nodes = f"torchrun --nnodes={world_size // per_node} --nproc_per_node={per_node}"
+    return f"{'python' if world_size == 1 else nodes} train.py --resume {shlex.quote(str(checkpoint))}"
 
 
 def resolve_args(argv, log):
@@ -165,7 +146,7 @@ def resolve_args(argv, log):
         if not args.data or not (args.dev or args.overfit):
             sys.exit("error: --data and --dev are required (or --resume a run)")
         # Saved absolute, so that a resume from another working directory finds the corpora.
-        args.data, args.dev = ([str(Path(p).absolute()) for p in paths or []] for paths in (args.data, args.dev))
+        args.data, args.dev = ([str(Path(p).absolute()) for p in ps or []] for ps in (args.data, args.dev))
         return args, None
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
@@ -175,8 +156,8 @@ def resolve_args(argv, log):
         if missing:
             raise KeyError(f"it lacks {', '.join(missing)}")
     except FileNotFoundError:
-        sys.exit(f"error: --resume {path}: no such file" + (
-            f"; {path.parent} holds no checkpoint: its run stopped before its first save" * path.parent.is_dir()))
+        sys.exit(f"error: --resume {path}: no such file" + path.parent.is_dir() * (
+            f"; {path.parent} holds no checkpoint: its run stopped before its first save"))
     except Exception as e:  # a truncated or foreign file fails in many ways
         sys.exit(f"error: --resume {path}: not a readable train.py checkpoint ({type(e).__name__}: {e})")
     if checkpoint["vocab"] != data.VOCAB:
@@ -189,27 +170,25 @@ def resolve_args(argv, log):
                  f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
                  f"Drop them, or start a new run with a new --run-dir.")
     saved = argparse.Namespace(**checkpoint["train_config"])
-    # A model field added since the checkpoint was written has its default value there.
-    saved_model = {**dataclasses.asdict(ModelConfig()), **checkpoint["model_config"]}
-    if saved_model != dataclasses.asdict(model_config(saved)):
-        sys.exit(f"error: --resume {path}: model shape differs from the flags it was saved with")
     try:
         model = CTCModel(model_config(saved))
+        # A model field added since the checkpoint was written has its default value there.
+        if {**dataclasses.asdict(ModelConfig()), **checkpoint["model_config"]} != dataclasses.asdict(
+                model.config):
+            raise ValueError("its model shape differs from the flags it was saved with")
         model.load_state_dict(checkpoint["model"])
         torch.optim.AdamW(model.parameters()).load_state_dict(checkpoint["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         sys.exit(f"error: --resume {path}: its weights or optimizer state do not fit this code's model "
-                 f"({str(e).strip().splitlines()[0]}); decode it with the code that wrote it, or start a new run")
+                 f"({str(e).strip().splitlines()[0]}); use the code that wrote it, or start a new run")
     world_size, saved_size = int(os.environ.get("WORLD_SIZE", 1)), checkpoint.get("world_size", 1)
     if world_size != saved_size:  # the steps per epoch, the schedule and the batch order would change
         sys.exit(f"error: --resume {path}: the run trained in {saved_size} processes, this is {world_size}. "
                  f"Continue it as it started:\n  {resume_command(path, saved_size)}")
-    if checkpoint["epoch"] >= saved.epochs:
+    if checkpoint["epoch"] >= saved.epochs:  # more epochs would be another learning-rate schedule
         sys.exit(f"error: --resume {path}: that run finished its {saved.epochs} epochs at step "
-                 f"{checkpoint['step']}; there is nothing to continue. Training longer changes its learning-"
-                 f"rate schedule: start a new run with more --epochs")
-    run_dir = Path(given.get("run_dir") or path.parent)
-    last = path.parent / "last.pt"
+                 f"{checkpoint['step']}; there is nothing to continue. To train longer, start a new run.")
+    run_dir, last = Path(given.get("run_dir") or path.parent), path.parent / "last.pt"
     if run_dir.resolve() == path.parent.resolve() and path.name != "last.pt" and last.exists():
         last_step = torch.load(last, map_location="cpu", weights_only=True)["step"]
         if last_step > checkpoint["step"]:  # continuing here would overwrite the later work
@@ -217,7 +196,7 @@ def resolve_args(argv, log):
                      f"{run_dir}, whose last.pt is at step {last_step}. Continue it with\n  "
                      f"{resume_command(last, saved_size)}\nor branch from step {checkpoint['step']} into "
                      f"a new folder:\n  {resume_command(path, saved_size)} --run-dir NEW_FOLDER")
-    args = argparse.Namespace(**{**checkpoint["train_config"], **given, "resume": str(path), "run_dir": str(run_dir)})
+    args = argparse.Namespace(**{**vars(saved), **given, "resume": str(path), "run_dir": str(run_dir)})
     try:
         data.device(args.device)
     except argparse.ArgumentTypeError as e:
@@ -238,11 +217,9 @@ def new_run_dir():
     """Make runs/<date>-<time>, or -2, -3, ... after it when another run took that name this second."""
     stem = time.strftime("runs/%Y%m%d-%H%M%S")
     for name in [stem] + [f"{stem}-{n}" for n in range(2, 1000)]:
-        try:
+        with contextlib.suppress(FileExistsError):
             Path(name).mkdir(parents=True)
             return name
-        except FileExistsError:
-            continue
     raise FileExistsError(errno.EEXIST, "every name is taken", stem)
 
 
@@ -265,8 +242,8 @@ def claim_run_dir(args, resuming_here):
                  f"per {run_dir / 'train.lock'}); wait for it to end, or pick another --run-dir")
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if held and not resuming_here:
-        advice = (f"Continue it with\n  {resume_command(run_dir / 'last.pt', 1)}\nor" if "last.pt" in held else
-                  "It holds no checkpoint (it stopped before its first save): remove it, or")
+        advice = (f"Continue it with\n  {resume_command(run_dir / 'last.pt', 1)}\nor" if "last.pt" in held
+                  else "It holds no checkpoint (it stopped before its first save): remove it, or")
         sys.exit(f"error: {run_dir} already holds a run ({', '.join(held)}). {advice} start a new run "
                  f"with another --run-dir.")
     lock.truncate(0)
@@ -299,12 +276,6 @@ def setup_device(args):
     return device, rank, world_size, bf16
 
 
-def ignore_signals(_):
-    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which saves and exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def build_data(args, model, rank, world_size, pin_memory, log):
     """(train loader and its batch sampler, dev loader, what identifies the training set: a resume
     must find the same); exits naming the data if it is unusable."""
@@ -323,7 +294,7 @@ def build_data(args, model, rank, world_size, pin_memory, log):
         sys.exit(f"error: fewer batches than processes; lower --batch-seconds ({args.batch_seconds})")
     # Own generators: the loaders must not draw from the global RNG, or resume would shift it.
     common = dict(collate_fn=data.collate, num_workers=args.workers, pin_memory=pin_memory,
-                  worker_init_fn=ignore_signals, persistent_workers=args.workers > 0,
+                  worker_init_fn=data.ignore_signals, persistent_workers=args.workers > 0,
                   prefetch_factor=4 if args.workers else None)
     loader = torch.utils.data.DataLoader(data.AudioDataset(train_set), batch_sampler=sampler,
                                          generator=torch.Generator(), **common)
@@ -331,35 +302,26 @@ def build_data(args, model, rank, world_size, pin_memory, log):
     dev_loader = torch.utils.data.DataLoader(data.AudioDataset(dev_set), batch_sampler=dev_batches,
                                              generator=torch.Generator(), **common)
     if rank == 0:  # the rank that evaluates
-        # Start the dev workers now, while this process is small: forked at the first evaluation
-        # from a process holding the training's memory, they slowed the steps after it (copy on
-        # write) and the evaluation itself, by about 10 s in all on AN4 (RESULTS.md).
+        # Start the dev workers now, while this process is small: forked later from a process holding
+        # the training's memory, they slowed the next steps (copy on write), 10 s on AN4 (RESULTS.md).
         iter(dev_loader)
     ids = hashlib.sha1("\n".join(u["id"] for u in train_set).encode()).hexdigest()[:16]
     return loader, sampler, dev_loader, {"utterances": len(train_set), "ids_sha1": ids,
                                          "seconds": round(sum(u["seconds"] for u in train_set), 2)}
 
 
-def evaluate(model, loader, device, bf16):
-    """Dev WER and CER (corpus level) plus the reference/hypothesis pairs."""
+def evaluate_and_report(model, dev_loader, device, bf16, label, step, cer_history, block_norms, args, log):
+    """Score dev (corpus-level greedy WER and CER) and log it with the health signals: the three longest
+    pairs, each block's gradient norm, a warning if the run looks stuck. Returns (WER, metrics record)."""
+    started, refs, hyps = time.time(), [], []
     model.eval()
-    refs, hyps = [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch in filter(None, loader):  # None: a batch of only unusable files
+        for batch in filter(None, dev_loader):  # None: a batch of only unusable files
             log_probs, out_lengths = model(batch["waves"].to(device), batch["wave_lengths"])
             hyps += decode.greedy_decode(log_probs, out_lengths)
             refs += batch["texts"]
     model.train()
-    wer, cer = decode.error_rates(refs, hyps)
-    return wer, cer, list(zip(refs, hyps))
-
-
-def evaluate_and_report(model, dev_loader, device, bf16, label, step, cer_history, block_norms, args, log):
-    """Score dev and log it with the health signals: the three longest pairs, the gradient
-    norm of each block, a warning if the run looks stuck. Returns (dev WER, metrics record)."""
-    started = time.time()
-    wer, cer, pairs = evaluate(model, dev_loader, device, bf16)
-    seconds = time.time() - started
+    (wer, cer), pairs, seconds = decode.error_rates(refs, hyps), list(zip(refs, hyps)), time.time() - started
     cer_history.append(cer)
     log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  gradient norms {block_norms}")
     for ref, hyp in pairs[-3:]:  # the longest: the shortest are often single words
@@ -369,18 +331,6 @@ def evaluate_and_report(model, dev_loader, device, bf16, label, step, cer_histor
         log(f"warning: {warning}")
     return wer, {"dev_wer": wer, "dev_cer": cer, "grad_norms": block_norms, "warning": warning,
                  "eval_seconds": seconds}
-
-
-def gradient_norms_by_block(model):
-    """Gradient norm of the front end, each GRU layer and the output layer. A block near zero
-    (vanishing) or far above the others (exploding) shows where to look."""
-    blocks = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            kind, index = name.split(".")[:2]  # layers.2.forward_gru.weight_hh_l0: GRU layer 2
-            block = f"rnn{index}" if kind == "layers" else "output" if kind == "output" else "front end"
-            blocks[block] = blocks.get(block, 0.0) + p.grad.detach().float().pow(2).sum()
-    return {block: round(float(total) ** 0.5, 4) for block, total in blocks.items()}
 
 
 def diagnose(hyps, cer_history, step, args):
@@ -457,9 +407,9 @@ def skip_out_of_memory_batch(batch, optimizer, cuda, args, log):
     optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.empty_cache()
-    log(f"warning: out of memory on a batch of {len(batch['ids'])} utterances "
-        f"({batch['waves'].numel() / data.SAMPLE_RATE:.0f} s padded); skipped it. If this "
-        f"repeats, lower --batch-seconds (now {args.batch_seconds}) or --max-seconds")
+    padded = batch["waves"].numel() / data.SAMPLE_RATE
+    log(f"warning: out of memory on a batch of {len(batch['ids'])} utterances ({padded:.0f} s padded), "
+        f"skipped. If this repeats, lower --batch-seconds (now {args.batch_seconds}) or --max-seconds")
 
 
 def catch_stop_signals():
@@ -520,15 +470,15 @@ def train(args, checkpoint, master, log, model=None):
     torch.manual_seed(args.seed)
     model, optimizer, (step, epoch, batch_in_epoch, best_wer) = build_model(args, checkpoint, device, model)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{FRAMES_PER_SECOND / args.time_stride:.0f} output frames/s, "
+        f"{FRAMES_PER_SECOND / model.config.time_stride:.0f} output frames/s, "
         f"device {device}{' bf16' if bf16 else ''}, world size {world_size}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     ctc_loss = torch.nn.CTCLoss(blank=data.BLANK, zero_infinity=True)
     loader, sampler, dev_loader, train_set = build_data(args, model, rank, world_size, cuda, log)
     if checkpoint and checkpoint.get("train_set", train_set) != train_set:
-        sys.exit(f"error: --resume {args.resume}: the training data changed since it was saved ({train_set} "
-                 f"now, {checkpoint['train_set']} then): its epochs, schedule and batch order would not be "
-                 f"the run's. Restore the data, or start a new run.")
+        sys.exit(f"error: --resume {args.resume}: the training data changed ({train_set} now, "
+                 f"{checkpoint['train_set']} then), and with it the epochs, schedule and batch order. "
+                 f"Restore it, or start a new run.")
     if checkpoint and master:
         keep_metrics_until(step, Path(args.resume).parent / "metrics.jsonl", run_dir)
     total_steps = args.epochs * len(sampler)
@@ -636,10 +586,9 @@ def train(args, checkpoint, master, log, model=None):
             evaluate_and_keep_best("final")
         save("last.pt")
         metrics.close()
-        if out_of_time:
-            log(f"--max-minutes {args.max_minutes} reached at step {step}; {run_dir / 'last.pt'} saved")
-        if stop:
-            log(f"stopped by signal {stop[0]} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
+        if stop or out_of_time:
+            why = f"stopped by signal {stop[0]}" if stop else f"--max-minutes {args.max_minutes} reached"
+            log(f"{why} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
                 f"  {resume_command(run_dir / 'last.pt', world_size)}")
     restore_signal_handlers()
     if distributed:
