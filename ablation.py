@@ -9,7 +9,7 @@ minutes of training on the same corpus, and is then inspected on the dev set.
 
 <out>/table.md holds the tables, <out>/cer.png dev CER against training minutes (needs
 matplotlib), <out>/results.json the numbers, <out>/<row>/ each row's train.py run (train.log,
-metrics.jsonl, checkpoints: ablation.build(row) rebuilds a row's model for them). Rows already
+metrics.jsonl, checkpoints, whose "model" weights load into ablation.build(row)[0]). Rows already
 in results.json are kept, so a stopped table continues where it stopped. The rows marked long
 also run on <out>/long/: the same corpora's utterances of one speaker joined into 10-17 s
 recordings (LibriSpeech's length), where a stride of 1 and vanishing gradients should show.

@@ -257,7 +257,7 @@ def resolve_inputs(paths):
 
 
 @torch.no_grad()
-def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=greedy_spans):
+def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=greedy_spans, bf16=False):
     """[(text, words with times)] for a list of 1-D waveforms, batched by length; spans(log_probs,
     out_lengths) reads a batch's model output. A recording cut into chunks keeps its times from
     its own start."""
@@ -275,7 +275,7 @@ def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=greedy_
         chunk = [pieces[j][2] for j in batch]
         wave_lengths = torch.tensor([len(c) for c in chunk])
         padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             log_probs, out_lengths = model(padded, wave_lengths)
         for j, found in zip(batch, spans(log_probs, out_lengths)):
             words[j] = words_with_times(found, seconds_per_frame, pieces[j][1] / SAMPLE_RATE)
@@ -318,7 +318,7 @@ def decode_in_order(model, paths, device, args, spans):
     for items in loader:
         usable = [(i, wave) for i, wave, problem in items if wave is not None]
         results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
-                             args.chunk_seconds, spans) if usable else []
+                             args.chunk_seconds, spans, args.bf16) if usable else []
         done.update({i: (i, None, None, problem) for i, _, problem in items if problem})
         done.update({i: (i, text, words, None) for (i, _), (text, words) in zip(usable, results)})
         while next_index in done:
@@ -338,6 +338,8 @@ def main(argv=None):
     parser.add_argument("--chunk-seconds", type=data.in_range(float, SEARCH_SECONDS, 86400, low_open=True),
                         default=30.0, help="longer audio is decoded in chunks cut at pauses")
     parser.add_argument("--workers", type=data.in_range(int, 0), default=1, help="processes reading audio")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast; default: on for CUDA and CPUs with AVX512-BF16, as in train.py")
     parser.add_argument("--timestamps", action="store_true",
                         help='JSON lines: {"id", "text", "words": [{"word", "start", "end"}]}, seconds')
     beam = parser.add_argument_group("beam search (with --lm or --lexicon; the default is greedy)")
@@ -362,6 +364,8 @@ def main(argv=None):
         spans = functools.partial(beam_search_spans, decoder)
 
     device = torch.device(args.device)
+    if args.bf16 is None:
+        args.bf16 = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported()
     try:
         model, _ = build_from_checkpoint(args.checkpoint)
     except FileNotFoundError:
