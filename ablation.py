@@ -393,6 +393,7 @@ def plot(results, out):
     axes[0].set_ylabel("dev CER % (letters-only rows: letter CER)")
     figure.tight_layout()
     figure.savefig(out / "cer.png", dpi=110)
+    plt.close(figure)
 
 
 def main(argv=None):
