@@ -389,7 +389,8 @@ def plot(results, out):
                 minutes, cer = zip(*r["curve"])
                 ax.plot(minutes, cer, marker=".", label=r["row"])
         ax.set(title=title, xlabel="training minutes", ylim=(0, 105))
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("dev CER % (letters-only rows: letter CER)")
     figure.tight_layout()
     figure.savefig(out / "cer.png", dpi=110)
