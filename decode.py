@@ -380,7 +380,8 @@ def main(argv=None):
     model.to(device).eval()
 
     utterances = resolve_inputs(args.inputs)
-    single = len(utterances) == 1 and Path(args.inputs[0]).is_file() and utterances[0][2] is None
+    single = len(args.inputs) == len(utterances) == 1 and Path(args.inputs[0]).is_file() \
+        and utterances[0][2] is None
     scored, failed = [], 0
     for i, text, words, problem in decode_in_order(model, [p for _, p, _ in utterances], device, args, spans):
         utt_id, path, ref = utterances[i]
