@@ -123,7 +123,7 @@ class AblationModel(CTCModel):
         lengths = frame_lengths(torch.as_tensor(wave_lengths)).clamp(min=0)
         return lengths // math.prod(TIME_STRIDES[self.config.time_stride])
 
-    def forward(self, waves, wave_lengths):
+    def forward(self, waves, wave_lengths, intermediate_layer=None):  # the recipe has no intermediate CTC
         log_probs, lengths = super().forward(waves, wave_lengths)
         if self.config.letters_only:  # shown to CTC in the 29-symbol layout, space and ' impossible
             full = log_probs.new_full((*log_probs.shape[:2], len(data.VOCAB)), IMPOSSIBLE)

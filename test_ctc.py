@@ -396,9 +396,63 @@ def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_pa
     a = torch.load(tmp_path / "straight/last.pt", weights_only=True)
     b = torch.load(tmp_path / "split/last.pt", weights_only=True)
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
-    for name in a["model"]:
-        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-6, rtol=1e-5)
+    for weights in ("model", "trained_model"):  # the moving average (the default) and what AdamW trains
+        for name in a[weights]:
+            torch.testing.assert_close(a[weights][name], b[weights][name], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(a["optimizer"]["state"], b["optimizer"]["state"], atol=1e-6, rtol=1e-5)
+
+
+def test_the_moving_average_is_what_is_evaluated_saved_and_decoded(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 20, 4)
+    flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--ema-decay", "0.5", "--max-minutes", "1e-9")
+    train.main(flags)  # one step
+    torch.manual_seed(0)  # the run's seed: its initial weights
+    initial = CTCModel(train.model_config(train.get_args(flags))).state_dict()
+    last = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    trained = last["trained_model"]
+    assert any(not torch.equal(initial[name], trained[name]) for name in trained)
+    # After step 0 the average's decay is min(0.5, 1 / 10): early weights are soon forgotten.
+    for name, value in last["model"].items():
+        torch.testing.assert_close(value, torch.lerp(initial[name], trained[name], 0.9))
+    best = torch.load(tmp_path / "run/best.pt", weights_only=True)
+    assert all(torch.equal(best["model"][name], last["model"][name]) for name in last["model"])
+    # The dev WER logged is the average's, and decoding a checkpoint uses the average.
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    model, _ = build_from_checkpoint(tmp_path / "run/best.pt")
+    paths = sorted(dev_dir.rglob("*.flac"))
+    hyps = [text for text, _ in decode.transcribe(model.eval(), [data.load_audio(p) for p in paths],
+                                                  torch.device("cpu"), 60, 30)]
+    refs = [line.split(" ", 1)[1].strip().lower() for line in next(dev_dir.rglob("*.trans.txt")).open()]
+    assert logged[-1]["dev_wer"] == pytest.approx(decode.error_rates(refs, hyps)[0])
+
+
+def test_intermediate_ctc_reads_a_middle_layer_through_the_output_layer_and_shares_the_loss(tmp_path,
+                                                                                           monkeypatch):
+    torch.manual_seed(0)
+    model = CTCModel(ModelConfig(rnn_layers=3, rnn_hidden=16, conv_channels=4)).eval()
+    waves, lengths = torch.randn(2, 16000), torch.tensor([16000, 9000])
+    log_probs, out_lengths, middle = model(waves, lengths, intermediate_layer=1)
+    plain, _ = model(waves, lengths)
+    assert torch.equal(log_probs, plain)
+    x, frames = model.front_end(*model.features(waves, lengths))
+    for layer in model.layers[:2]:
+        x = layer(x, frames)
+    torch.testing.assert_close(middle, torch.log_softmax(model.output(x), dim=-1))
+    # In train.py the loss is (1 - w) * CTC(last layer) + w * CTC(middle layer).
+    losses = []
+
+    class RecordedCTCLoss(torch.nn.CTCLoss):
+        def forward(self, *inputs):
+            losses.append(super().forward(*inputs).item())
+            return super().forward(*inputs)
+    monkeypatch.setattr(torch.nn, "CTCLoss", RecordedCTCLoss)
+    train_dir, dev_dir = make_corpus(tmp_path, 20, 4)
+    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--rnn-layers", "2", "--inter-ctc-weight",
+                           "0.25", "--log-every", "1", "--max-minutes", "1e-9"))
+    first = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
+    assert len(losses) == 2 and first["loss"] == pytest.approx(0.75 * losses[0] + 0.25 * losses[1])
+    with pytest.raises(SystemExit, match="--rnn-layers 2 or more"):
+        train.main(train_flags(train_dir, dev_dir, tmp_path / "one", "--inter-ctc-weight", "0.25"))
 
 
 def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):

@@ -11,6 +11,7 @@ output, peak memory and ETA; every --eval-every steps, dev WER/CER; the same go 
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import errno
 import fcntl
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 import data
 import decode
@@ -39,6 +41,8 @@ STALLED_EVALS = 3            # evaluations without a better dev CER before the r
 CONVERGED_CER = 1.0          # a dev CER (%) at or below this is a finished run, not a stuck one
 # Flags that change where and how often, not what, a run computes: --resume may change them.
 RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every", "max_minutes")
+# Flags added since the first release, as the runs started before them had them: off.
+ADDED_SINCE = {"ema_decay": 0.0, "inter_ctc_weight": 0.0}
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 CHECKPOINT_KEYS = ("model_config", "model", "vocab", "train_config", "optimizer", "step", "epoch",
                    "batch_in_epoch", "best_wer", "rng_cpu", "rng_cuda")
@@ -80,6 +84,13 @@ def build_parser():
                    help="linear warmup, then cosine decay to --lr / 100")
     g.add_argument("--weight-decay", type=in_range(float, 0), default=0.01)
     g.add_argument("--grad-clip", type=above_zero, default=1.0, help="max global gradient norm")
+    g.add_argument("--inter-ctc-weight", type=in_range(float, 0, 1), default=0.0,
+                   help="intermediate CTC (model.py): this share of the loss is CTC on the middle GRU "
+                        "layer's output (0: off)")
+    g.add_argument("--ema-decay", type=in_range(float, 0, 1), default=0.999,
+                   help="evaluate and save an exponential moving average of the weights, updated every "
+                        "step: it averages about the last 1 / (1 - decay) steps, and at most the last "
+                        "ninth of the steps so far, since early weights are random (0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--overfit", type=count, default=0, metavar="N",
                    help="health check: train and evaluate on N training utterances, no augmentation "
@@ -169,7 +180,7 @@ def resolve_args(argv, log):
         sys.exit(f"error: --resume continues {path} with the flags it was started with; {' '.join(refused)} "
                  f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
                  f"Drop them, or start a new run with a new --run-dir.")
-    saved = argparse.Namespace(**checkpoint["train_config"])
+    saved = argparse.Namespace(**{**ADDED_SINCE, **checkpoint["train_config"]})
     try:
         model = CTCModel(model_config(saved))
         # A model field added since the checkpoint was written has its default value there.
@@ -352,21 +363,19 @@ def diagnose(hyps, cer_history, step, args):
 
 
 def peak_memory_gb(device):
-    """The most memory the run has held so far: the caching allocator's on a GPU (what
-    nvidia-smi shows, less the CUDA context), else this process's resident set."""
+    """Most memory held so far: on a GPU the caching allocator's (nvidia-smi less the context), else RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 class LogInterval:
-    """What the steps since the last log line did. Loss and blank counts are summed on the
-    device and read once per log line, so logging adds no host sync to a step."""
+    """The steps since the last log line. Sums stay on the device until the line: no host sync per step."""
 
     def __init__(self, device):
         self.sums = torch.zeros(3, device=device)  # loss, blank frames, real frames
         self.device, self.start, self.audio, self.wait, self.grad_norm = device, time.time(), 0.0, 0.0, 0.0
-        self.steps, self.trained, self.skipped, self.oom = 0, 0, 0, 0
+        self.trained, self.skipped, self.oom = 0, 0, 0
 
     def add(self, loss, grad_norm, log_probs, out_lengths):
         with torch.no_grad():
@@ -393,8 +402,7 @@ class LogInterval:
 
 
 def on_every_rank(flag, device, distributed):
-    """flag, and under DDP whether it holds on every rank: ranks must take the same path through
-    a step, or the gradient all-reduce hangs."""
+    """flag, and under DDP whether it holds on every rank: ranks must take the same path, or DDP hangs."""
     if not distributed:
         return flag
     flag = torch.tensor(float(flag), device=device)
@@ -433,6 +441,8 @@ def main(argv=None, model=None):
     log = (lambda message: print(message, flush=True)) if master else (lambda message: None)
     try:  # the loop turns Ctrl-C into a stop; before it starts, there is nothing to save
         args, checkpoint = resolve_args(argv, log)
+        if args.inter_ctc_weight and args.rnn_layers < 2:
+            sys.exit("error: --inter-ctc-weight needs a GRU layer below the last: --rnn-layers 2 or more")
         if args.overfit:  # the health check: nothing may stand between the model and its training set
             args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
             args.speed_perturb = False
@@ -448,18 +458,24 @@ def main(argv=None, model=None):
 
 
 def build_model(args, checkpoint, device, model):
-    """The model and AdamW, new or as the checkpoint left them, and the run's progress so far."""
+    """The model, its moving average (None with --ema-decay 0) and AdamW, new or as the checkpoint
+    left them, and the run's progress so far. With an average, a checkpoint's "model" is the average
+    (what is evaluated and decoded) and its "trained_model" the weights AdamW trains."""
     model = (model or CTCModel(model_config(args))).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
+    # The average starts at the initial weights: a horizon well inside the run forgets them.
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema_decay else None
     if checkpoint is None:
-        return model, optimizer, (0, 0, 0, math.inf)
-    model.load_state_dict(checkpoint["model"])  # resolve_args checked its shape against the flags
+        return model, ema, optimizer, (0, 0, 0, math.inf)
+    model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))  # shapes checked already
+    if ema:
+        ema.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng_cpu"])
     if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
         torch.cuda.set_rng_state(checkpoint["rng_cuda"])
-    return model, optimizer, tuple(checkpoint[k] for k in ("step", "epoch", "batch_in_epoch", "best_wer"))
+    return model, ema, optimizer, [checkpoint[k] for k in ("step", "epoch", "batch_in_epoch", "best_wer")]
 
 
 def train(args, checkpoint, master, log, model=None):
@@ -468,12 +484,14 @@ def train(args, checkpoint, master, log, model=None):
     device, rank, world_size, bf16 = setup_device(args)
     distributed, cuda, run_dir = world_size > 1, device.type == "cuda", Path(args.run_dir or ".")
     torch.manual_seed(args.seed)
-    model, optimizer, (step, epoch, batch_in_epoch, best_wer) = build_model(args, checkpoint, device, model)
+    model, ema, optimizer, progress = build_model(args, checkpoint, device, model)
+    step, epoch, batch_in_epoch, best_wer = progress
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{FRAMES_PER_SECOND / model.config.time_stride:.0f} output frames/s, "
         f"device {device}{' bf16' if bf16 else ''}, world size {world_size}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     ctc_loss = torch.nn.CTCLoss(blank=data.BLANK, zero_infinity=True)
+    middle_layer = (args.rnn_layers - 1) // 2 if args.inter_ctc_weight else None  # below the last for 2+
     loader, sampler, dev_loader, train_set = build_data(args, model, rank, world_size, cuda, log)
     if checkpoint and checkpoint.get("train_set", train_set) != train_set:
         sys.exit(f"error: --resume {args.resume}: the training data changed ({train_set} now, "
@@ -490,7 +508,8 @@ def train(args, checkpoint, master, log, model=None):
 
     def save(name):
         save_atomically({
-            **model_checkpoint(model, data.VOCAB), "train_config": vars(args),
+            **model_checkpoint(ema or model, data.VOCAB), "train_config": vars(args),
+            **({"trained_model": model.state_dict()} if ema else {}),
             "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "best_wer": best_wer, "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state() if cuda else None, "world_size": world_size,
@@ -503,7 +522,7 @@ def train(args, checkpoint, master, log, model=None):
 
     def evaluate_and_keep_best(label):
         nonlocal best_wer, eval_seconds
-        wer, record = evaluate_and_report(model, dev_loader, device, bf16, label, step, cer_history,
+        wer, record = evaluate_and_report(ema or model, dev_loader, device, bf16, label, step, cer_history,
                                           block_norms, args, log)
         eval_seconds += record["eval_seconds"]
         write_metrics({"epoch": epoch, "step": step, **record, "wall_seconds": time.time() - run_start})
@@ -529,11 +548,14 @@ def train(args, checkpoint, master, log, model=None):
             else:
                 try:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        log_probs, out_lengths = ddp_model(batch["waves"].to(device, non_blocking=True),
-                                                           batch["wave_lengths"])
+                        log_probs, out_lengths, *middle = ddp_model(
+                            batch["waves"].to(device, non_blocking=True), batch["wave_lengths"], middle_layer)
                     # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
-                    loss = ctc_loss(log_probs.transpose(0, 1), batch["targets"].to(device, non_blocking=True),
-                                    out_lengths, batch["target_lengths"])
+                    truth = (batch["targets"].to(device, non_blocking=True), out_lengths,
+                             batch["target_lengths"])
+                    loss, *middle_loss = [ctc_loss(p.transpose(0, 1), *truth) for p in [log_probs, *middle]]
+                    if middle_loss:
+                        loss = (1 - args.inter_ctc_weight) * loss + args.inter_ctc_weight * middle_loss[0]
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if (step + 1) % args.eval_every == 0:  # this step ends in an evaluation
@@ -543,6 +565,9 @@ def train(args, checkpoint, master, log, model=None):
                     finite = torch.isfinite(grad_norm).item() and torch.isfinite(loss).item()
                     if finite:
                         optimizer.step()
+                        if ema:  # a shorter memory early on: TensorFlow's ExponentialMovingAverage rule
+                            update_ema = get_ema_multi_avg_fn(min(args.ema_decay, (1 + step) / (10 + step)))
+                            update_ema(list(ema.parameters()), list(model.parameters()), None)
                         interval.add(loss, grad_norm, log_probs, out_lengths)
                     interval.skipped += not finite
                     bad_in_a_row = 0 if finite else bad_in_a_row + 1
@@ -556,7 +581,7 @@ def train(args, checkpoint, master, log, model=None):
                     f"diverged. Lower --lr (now {args.lr}) or raise --warmup-steps and start anew, or "
                     f"resume from before it: {resume_command(run_dir / 'last.pt', world_size)}")
                 sys.exit(1)
-            step, batch_in_epoch, interval.steps = step + 1, batch_in_epoch + 1, interval.steps + 1
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
             interval.audio += float(batch["wave_lengths"].sum()) / data.SAMPLE_RATE if batch else 0.0
 
             if step % args.log_every == 0 and master:
