@@ -210,12 +210,9 @@ class CTCModel(nn.Module):
             x = x * lengths_mask(lengths, x.shape[2])[:, None, :, None]
         return x.permute(0, 2, 1, 3).flatten(2), lengths
 
-    def forward(self, waves, wave_lengths, intermediate_layer=None):
+    def forward(self, waves, wave_lengths):
         """waves (B, samples) float, wave_lengths (B,) int on the CPU (no device sync to read
-        them) -> log_probs (B, T, vocab) float32, out_lengths (B,) on the CPU. With an
-        intermediate_layer i, also the log-probs the same output layer gives for GRU layer i's
-        output, for intermediate CTC (Lee & Watanabe 2021): a loss there too makes the lower
-        layers already predict letters, a regularizer that costs one projection."""
+        them) -> log_probs (B, T, vocab) float32, out_lengths (B,) on the CPU."""
         wave_lengths = wave_lengths.cpu()
         if self.training and self.config.speed_perturb:
             waves, wave_lengths = self.perturb_speed(waves, wave_lengths)
@@ -223,15 +220,10 @@ class CTCModel(nn.Module):
         if self.training:
             x = self.augment(x, lengths)
         x, lengths = self.front_end(x, lengths)
-        middle = None
         for i, layer in enumerate(self.layers):
             x = layer(self.dropout(x) if i > 0 else x, lengths)
-            middle = x if i == intermediate_layer else middle
-        log_probs = F.log_softmax(self.output(self.dropout(x)).float(), dim=-1)
-        if middle is None:
-            return log_probs, self.output_lengths(wave_lengths)
-        middle_log_probs = F.log_softmax(self.output(self.dropout(middle)).float(), dim=-1)
-        return log_probs, self.output_lengths(wave_lengths), middle_log_probs
+        logits = self.output(self.dropout(x))
+        return F.log_softmax(logits.float(), dim=-1), self.output_lengths(wave_lengths)
 
 
 def build_from_checkpoint(checkpoint, map_location="cpu"):

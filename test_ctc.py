@@ -407,7 +407,7 @@ def test_the_moving_average_is_what_is_evaluated_saved_and_decoded(tmp_path):
     flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--ema-decay", "0.5", "--max-minutes", "1e-9")
     train.main(flags)  # one step
     torch.manual_seed(0)  # the run's seed: its initial weights
-    initial = CTCModel(train.model_config(train.get_args(flags))).state_dict()
+    initial = CTCModel(train.model_config(train.build_parser().parse_args(flags))).state_dict()
     last = torch.load(tmp_path / "run/last.pt", weights_only=True)
     trained = last["trained_model"]
     assert any(not torch.equal(initial[name], trained[name]) for name in trained)
@@ -424,35 +424,6 @@ def test_the_moving_average_is_what_is_evaluated_saved_and_decoded(tmp_path):
                                                   torch.device("cpu"), 60, 30)]
     refs = [line.split(" ", 1)[1].strip().lower() for line in next(dev_dir.rglob("*.trans.txt")).open()]
     assert logged[-1]["dev_wer"] == pytest.approx(decode.error_rates(refs, hyps)[0])
-
-
-def test_intermediate_ctc_reads_a_middle_layer_through_the_output_layer_and_shares_the_loss(tmp_path,
-                                                                                           monkeypatch):
-    torch.manual_seed(0)
-    model = CTCModel(ModelConfig(rnn_layers=3, rnn_hidden=16, conv_channels=4)).eval()
-    waves, lengths = torch.randn(2, 16000), torch.tensor([16000, 9000])
-    log_probs, out_lengths, middle = model(waves, lengths, intermediate_layer=1)
-    plain, _ = model(waves, lengths)
-    assert torch.equal(log_probs, plain)
-    x, frames = model.front_end(*model.features(waves, lengths))
-    for layer in model.layers[:2]:
-        x = layer(x, frames)
-    torch.testing.assert_close(middle, torch.log_softmax(model.output(x), dim=-1))
-    # In train.py the loss is (1 - w) * CTC(last layer) + w * CTC(middle layer).
-    losses = []
-
-    class RecordedCTCLoss(torch.nn.CTCLoss):
-        def forward(self, *inputs):
-            losses.append(super().forward(*inputs).item())
-            return super().forward(*inputs)
-    monkeypatch.setattr(torch.nn, "CTCLoss", RecordedCTCLoss)
-    train_dir, dev_dir = make_corpus(tmp_path, 20, 4)
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--rnn-layers", "2", "--inter-ctc-weight",
-                           "0.25", "--log-every", "1", "--max-minutes", "1e-9"))
-    first = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
-    assert len(losses) == 2 and first["loss"] == pytest.approx(0.75 * losses[0] + 0.25 * losses[1])
-    with pytest.raises(SystemExit, match="--rnn-layers 2 or more"):
-        train.main(train_flags(train_dir, dev_dir, tmp_path / "one", "--inter-ctc-weight", "0.25"))
 
 
 def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):
@@ -1110,7 +1081,7 @@ def test_overfit_trains_and_scores_n_utterances_without_augmentation(tmp_path, c
 
 
 def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():
-    args = train.get_args(["--warmup-steps", "100"])
+    args = train.build_parser().parse_args(["--warmup-steps", "100"])
     assert train.diagnose(["", ""], [100.0], 50, args) is None            # in warmup
     assert train.diagnose(["", ""], [100.0, 100.0], 200, args) is None   # blank plateau: normal
     assert "all blank" in train.diagnose(["", ""], [100.0] * 2, 301, args)
@@ -1145,8 +1116,8 @@ def ablation_settings(name):
     """A row's model config and train.py flags as one flat dict."""
     model, flags = ablation.build(name)
     config = model.config if model is not None else ablation.AblationConfig(
-        **dataclasses.asdict(train.model_config(train.get_args(flags))))
-    return {**vars(train.get_args(flags)), **dataclasses.asdict(config)}
+        **dataclasses.asdict(train.model_config(train.build_parser().parse_args(flags))))
+    return {**vars(train.build_parser().parse_args(flags)), **dataclasses.asdict(config)}
 
 
 def test_each_ablation_row_changes_exactly_the_cause_it_names():
@@ -1164,7 +1135,7 @@ def test_each_ablation_row_changes_exactly_the_cause_it_names():
 def test_each_ablation_variant_trains_a_step_and_carries_its_mistake(name):
     torch.manual_seed(0)
     model, flags = ablation.build(name)
-    model = model or CTCModel(train.model_config(train.get_args(flags)))
+    model = model or CTCModel(train.model_config(train.build_parser().parse_args(flags)))
     texts = ["abcabc", "cab", "ba"]
     waves = [torch.from_numpy(tones(t)) for t in texts]
     batch = data.collate([(w, torch.tensor([data.CHAR_TO_ID[c] for c in t]), t, t)
@@ -1202,7 +1173,7 @@ def test_ablation_features_are_what_each_row_says():
     features = {}
     for name in ("recipe", "b-power", "b-no-norm"):
         model, flags = ablation.build(name)
-        model = (model or CTCModel(train.model_config(train.get_args(flags)))).eval()
+        model = (model or CTCModel(train.model_config(train.build_parser().parse_args(flags)))).eval()
         features[name] = model.features(wave, torch.tensor([wave.shape[1]]))[0]
     assert abs(float(features["recipe"].mean())) < 1e-3  # normalized per utterance and per bin
     assert float(features["b-power"].min()) >= 0 and float(features["b-power"].max()) < 1e4

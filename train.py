@@ -41,8 +41,6 @@ STALLED_EVALS = 3            # evaluations without a better dev CER before the r
 CONVERGED_CER = 1.0          # a dev CER (%) at or below this is a finished run, not a stuck one
 # Flags that change where and how often, not what, a run computes: --resume may change them.
 RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every", "max_minutes")
-# Flags added since the first release, as the runs started before them had them: off.
-ADDED_SINCE = {"ema_decay": 0.0, "inter_ctc_weight": 0.0}
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 CHECKPOINT_KEYS = ("model_config", "model", "vocab", "train_config", "optimizer", "step", "epoch",
                    "batch_in_epoch", "best_wer", "rng_cpu", "rng_cuda")
@@ -80,39 +78,26 @@ def build_parser():
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=positive, default=40)
     g.add_argument("--lr", type=above_zero, default=1.5e-3, help="peak learning rate (AdamW)")
-    g.add_argument("--warmup-steps", type=count, default=1000,
-                   help="linear warmup, then cosine decay to --lr / 100")
+    g.add_argument("--warmup-steps", type=count, default=1000, help="linear warmup, cosine to --lr / 100")
     g.add_argument("--weight-decay", type=in_range(float, 0), default=0.01)
     g.add_argument("--grad-clip", type=above_zero, default=1.0, help="max global gradient norm")
-    g.add_argument("--inter-ctc-weight", type=in_range(float, 0, 1), default=0.0,
-                   help="intermediate CTC (model.py): this share of the loss is CTC on the middle GRU "
-                        "layer's output (0: off)")
-    g.add_argument("--ema-decay", type=in_range(float, 0, 1), default=0.999,
-                   help="evaluate and save an exponential moving average of the weights, updated every "
-                        "step: it averages about the last 1 / (1 - decay) steps, and at most the last "
-                        "ninth of the steps so far, since early weights are random (0: off)")
+    g.add_argument("--ema-decay", type=in_range(float, 0, 1), default=0.999, help="evaluate and save a "
+                   "moving average of the weights, over about the last 1 / (1 - decay) steps (0: off)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--overfit", type=count, default=0, metavar="N",
-                   help="health check: train and evaluate on N training utterances, no augmentation "
-                        "or dropout; a working pipeline drives their CER near zero")
+    g.add_argument("--overfit", type=count, default=0, metavar="N", help="health check: train and evaluate "
+                   "on N training utterances, no augmentation or dropout: a working pipeline's CER nears 0")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="a new folder (default: runs/<date>-<time>)")
     g.add_argument("--resume", default=None, help="a last.pt to continue from (its run and flags)")
     g.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast; default: on for CUDA and for CPUs with AVX512-BF16, "
-                        "off on other CPUs, which only emulate bf16")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; "
+                   "default: on for CUDA and CPUs with AVX512-BF16, off on other CPUs, which only emulate it")
     g.add_argument("--log-every", type=positive, default=50)
     g.add_argument("--eval-every", type=positive, default=1000)
     g.add_argument("--save-every", type=positive, default=500)
-    g.add_argument("--max-minutes", type=above_zero, default=None,
-                   help="end after this many minutes of training (evaluations not counted), as if the last "
-                        "epoch were done: a job's time limit, or a comparison at equal time (ablation.py)")
+    g.add_argument("--max-minutes", type=above_zero, default=None, help="end after this many minutes of "
+                   "training (evaluations not counted), as if the last epoch were done: a job's time limit")
     return p
-
-
-def get_args(argv=None):
-    return build_parser().parse_args(argv)
 
 
 def typed_flags(argv):
@@ -152,7 +137,7 @@ def resolve_args(argv, log):
     """The run's flags and, with --resume, its checkpoint: a resumed run keeps the flags it was
     started with, and a flag typed now that would change them is refused, whatever its value.
     Everything a resume will load is checked here, before the run folder is touched."""
-    args = get_args(argv)
+    args = build_parser().parse_args(argv)
     if not args.resume:
         if not args.data or not (args.dev or args.overfit):
             sys.exit("error: --data and --dev are required (or --resume a run)")
@@ -180,7 +165,7 @@ def resolve_args(argv, log):
         sys.exit(f"error: --resume continues {path} with the flags it was started with; {' '.join(refused)} "
                  f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
                  f"Drop them, or start a new run with a new --run-dir.")
-    saved = argparse.Namespace(**{**ADDED_SINCE, **checkpoint["train_config"]})
+    saved = argparse.Namespace(**{"ema_decay": 0.0, **checkpoint["train_config"]})  # runs before --ema-decay
     try:
         model = CTCModel(model_config(saved))
         # A model field added since the checkpoint was written has its default value there.
@@ -421,9 +406,8 @@ def skip_out_of_memory_batch(batch, optimizer, cuda, args, log):
 
 
 def catch_stop_signals():
-    """From now on Ctrl-C and SIGTERM append to the returned list instead of ending the process,
-    so that the loop can finish its step, save and say how to resume. Returns (that list, a
-    function that puts the previous handlers back)."""
+    """From now on Ctrl-C and SIGTERM append to the returned list, so that the loop can finish its step,
+    save and say how to resume. Returns (that list, a function that puts the old handlers back)."""
     stop = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -435,14 +419,12 @@ def catch_stop_signals():
 
 
 def main(argv=None, model=None):
-    """Train as the command line says; returns the trained model (on every rank). model: a module to
-    train instead of the flags' CTCModel, called and checkpointed as it is (ablation.py's variants)."""
+    """Train as the command line says; returns the model the checkpoints hold (on every rank). model: a
+    module to train instead of the flags' CTCModel, called and checkpointed as it is (ablation.py)."""
     master = int(os.environ.get("RANK", 0)) == 0
     log = (lambda message: print(message, flush=True)) if master else (lambda message: None)
     try:  # the loop turns Ctrl-C into a stop; before it starts, there is nothing to save
         args, checkpoint = resolve_args(argv, log)
-        if args.inter_ctc_weight and args.rnn_layers < 2:
-            sys.exit("error: --inter-ctc-weight needs a GRU layer below the last: --rnn-layers 2 or more")
         if args.overfit:  # the health check: nothing may stand between the model and its training set
             args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
             args.speed_perturb = False
@@ -458,13 +440,11 @@ def main(argv=None, model=None):
 
 
 def build_model(args, checkpoint, device, model):
-    """The model, its moving average (None with --ema-decay 0) and AdamW, new or as the checkpoint
-    left them, and the run's progress so far. With an average, a checkpoint's "model" is the average
-    (what is evaluated and decoded) and its "trained_model" the weights AdamW trains."""
+    """The model, its moving average (or None), AdamW, new or as the checkpoint left them, and the progress
+    so far. A checkpoint's "model" is the average (evaluated, decoded), "trained_model" what AdamW trains."""
     model = (model or CTCModel(model_config(args))).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    # The average starts at the initial weights: a horizon well inside the run forgets them.
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema_decay else None
     if checkpoint is None:
         return model, ema, optimizer, (0, 0, 0, math.inf)
@@ -491,7 +471,6 @@ def train(args, checkpoint, master, log, model=None):
         f"device {device}{' bf16' if bf16 else ''}, world size {world_size}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     ctc_loss = torch.nn.CTCLoss(blank=data.BLANK, zero_infinity=True)
-    middle_layer = (args.rnn_layers - 1) // 2 if args.inter_ctc_weight else None  # below the last for 2+
     loader, sampler, dev_loader, train_set = build_data(args, model, rank, world_size, cuda, log)
     if checkpoint and checkpoint.get("train_set", train_set) != train_set:
         sys.exit(f"error: --resume {args.resume}: the training data changed ({train_set} now, "
@@ -501,7 +480,7 @@ def train(args, checkpoint, master, log, model=None):
         keep_metrics_until(step, Path(args.resume).parent / "metrics.jsonl", run_dir)
     total_steps = args.epochs * len(sampler)
     log(f"run: {run_dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
-    metrics = open(run_dir / "metrics.jsonl", "a") if master else None
+    metrics = open(run_dir / "metrics.jsonl", "a", buffering=1) if master else None  # line-buffered: no flush calls
     interval, bad_in_a_row, run_start, start_step = LogInterval(device), 0, time.time(), step
     eval_seconds, out_of_time = 0.0, False  # the --max-minutes clock runs only while training
     cer_history, block_norms = [], {}
@@ -516,16 +495,13 @@ def train(args, checkpoint, master, log, model=None):
             "train_set": train_set,
         }, run_dir / name)
 
-    def write_metrics(record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-
     def evaluate_and_keep_best(label):
         nonlocal best_wer, eval_seconds
         wer, record = evaluate_and_report(ema or model, dev_loader, device, bf16, label, step, cer_history,
                                           block_norms, args, log)
         eval_seconds += record["eval_seconds"]
-        write_metrics({"epoch": epoch, "step": step, **record, "wall_seconds": time.time() - run_start})
+        record = {"epoch": epoch, "step": step, **record, "wall_seconds": time.time() - run_start}
+        metrics.write(json.dumps(record) + "\n")
         if wer < best_wer:
             best_wer = wer
             save("best.pt")
@@ -548,14 +524,11 @@ def train(args, checkpoint, master, log, model=None):
             else:
                 try:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        log_probs, out_lengths, *middle = ddp_model(
-                            batch["waves"].to(device, non_blocking=True), batch["wave_lengths"], middle_layer)
+                        log_probs, out_lengths = ddp_model(batch["waves"].to(device, non_blocking=True),
+                                                           batch["wave_lengths"])
                     # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
-                    truth = (batch["targets"].to(device, non_blocking=True), out_lengths,
-                             batch["target_lengths"])
-                    loss, *middle_loss = [ctc_loss(p.transpose(0, 1), *truth) for p in [log_probs, *middle]]
-                    if middle_loss:
-                        loss = (1 - args.inter_ctc_weight) * loss + args.inter_ctc_weight * middle_loss[0]
+                    loss = ctc_loss(log_probs.transpose(0, 1), batch["targets"].to(device, non_blocking=True),
+                                    out_lengths, batch["target_lengths"])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if (step + 1) % args.eval_every == 0:  # this step ends in an evaluation
@@ -588,7 +561,7 @@ def train(args, checkpoint, master, log, model=None):
                 eta = (time.time() - run_start) / max(1, step - start_step) * (total_steps - step)
                 line, record = interval.report(epoch, step, total_steps, lr, eta)
                 log(line)
-                write_metrics({**record, "wall_seconds": time.time() - run_start})
+                metrics.write(json.dumps({**record, "wall_seconds": time.time() - run_start}) + "\n")
                 interval = LogInterval(device)
             if not on_every_rank(not stop, device, distributed) and not stop:
                 stop.append(signal.SIGTERM)  # another rank was stopped: all stop at this step
@@ -618,7 +591,7 @@ def train(args, checkpoint, master, log, model=None):
     restore_signal_handlers()
     if distributed:
         dist.destroy_process_group()
-    return model
+    return ema or model
 
 
 if __name__ == "__main__":
