@@ -405,7 +405,9 @@ def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_pa
 def test_the_moving_average_is_what_is_evaluated_saved_and_decoded(tmp_path):
     train_dir, dev_dir = make_corpus(tmp_path, 20, 4)
     flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--ema-decay", "0.5", "--max-minutes", "1e-9")
-    train.main(flags)  # one step
+    average = train.main(flags)  # one step
+    # Weights that require grad get their bf16 casts cached: a CPU GRU's evaluation is 3.6x faster.
+    assert all(p.requires_grad for p in average.parameters())
     torch.manual_seed(0)  # the run's seed: its initial weights
     initial = CTCModel(train.model_config(train.build_parser().parse_args(flags))).state_dict()
     last = torch.load(tmp_path / "run/last.pt", weights_only=True)

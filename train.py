@@ -445,7 +445,9 @@ def build_model(args, checkpoint, device, model):
     model = (model or CTCModel(model_config(args))).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema_decay else None
+    # Its weights keep requires_grad, though no loss reaches them: bf16 autocast caches casts only of such
+    # weights, and the CPU GRU would recast its own every time step (evaluation 3.6x slower, RESULTS.md).
+    ema = copy.deepcopy(model) if args.ema_decay else None
     if checkpoint is None:
         return model, ema, optimizer, (0, 0, 0, math.inf)
     model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))  # shapes checked already
@@ -480,7 +482,7 @@ def train(args, checkpoint, master, log, model=None):
         keep_metrics_until(step, Path(args.resume).parent / "metrics.jsonl", run_dir)
     total_steps = args.epochs * len(sampler)
     log(f"run: {run_dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
-    metrics = open(run_dir / "metrics.jsonl", "a", buffering=1) if master else None  # line-buffered: no flush calls
+    metrics = open(run_dir / "metrics.jsonl", "a", buffering=1) if master else None  # line-buffered
     interval, bad_in_a_row, run_start, start_step = LogInterval(device), 0, time.time(), step
     eval_seconds, out_of_time = 0.0, False  # the --max-minutes clock runs only while training
     cer_history, block_norms = [], {}
