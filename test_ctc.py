@@ -1079,6 +1079,7 @@ def test_overfit_trains_and_scores_n_utterances_without_augmentation(tmp_path, c
     assert checkpoint["model_config"]["freq_masks"] == checkpoint["model_config"]["time_masks"] == 0
     assert checkpoint["model_config"]["freq_warp"] == 0.0
     assert checkpoint["model_config"]["dropout"] == 0.0
+    assert checkpoint["train_config"]["ema_decay"] == 0.0 and "trained_model" not in checkpoint
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("  ref:")]) == 3 * 3
 
 

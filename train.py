@@ -427,7 +427,7 @@ def main(argv=None, model=None):
         args, checkpoint = resolve_args(argv, log)
         if args.overfit:  # the health check: nothing may stand between the model and its training set
             args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
-            args.speed_perturb = False
+            args.speed_perturb, args.ema_decay = False, 0.0  # and it scores the trained weights themselves
         here = checkpoint is not None and Path(args.run_dir).resolve() == Path(args.resume).parent.resolve()
         lock = claim_run_dir(args, here) if master else None
         try:
