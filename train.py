@@ -540,7 +540,7 @@ def train(args, checkpoint, master, log, model=None):
                     finite = torch.isfinite(grad_norm).item() and torch.isfinite(loss).item()
                     if finite:
                         optimizer.step()
-                        if ema:  # a shorter memory early on: TensorFlow's ExponentialMovingAverage rule
+                        if ema:  # early on, only the last ninth of the steps (TensorFlow's num_updates rule)
                             update_ema = get_ema_multi_avg_fn(min(args.ema_decay, (1 + step) / (10 + step)))
                             update_ema(list(ema.parameters()), list(model.parameters()), None)
                         interval.add(loss, grad_norm, log_probs, out_lengths)
