@@ -32,8 +32,7 @@ from torch import nn
 
 import data
 import train
-from model import (TIME_STRIDES, BiGRULayer, CTCModel, ModelConfig, frame_lengths, gradient_norms_by_block,
-                   lengths_mask)
+from model import TIME_STRIDES, BiGRULayer, CTCModel, ModelConfig, frame_lengths, lengths_mask
 
 # The README's AN4 recipe, less --data/--dev (a test checks that the two agree).
 RECIPE = ["--rnn-layers", "3", "--rnn-hidden", "256", "--time-stride", "4", "--batch-seconds", "100",
@@ -273,7 +272,7 @@ def inspect(model, dev_paths, samples=2):
     model.zero_grad()
     F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths.clamp(max=log_probs.shape[1]),
                batch["target_lengths"], blank=data.BLANK, zero_infinity=True).backward()
-    norms = gradient_norms_by_block(model)
+    norms = train.gradient_norms_by_block(model)
     model.zero_grad()
     letters = lambda texts: ["".join(c for c in t if c.isalpha()) for t in texts]
     wer, _ = train.decode.error_rates(refs, hyps)
@@ -325,15 +324,11 @@ def run_row(key, args, out):
     record, started = {"row": key, "what": what, "argv": argv, "error": None}, time.time()
     with open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log):
         try:
-            model = train.main(argv, model)
-        except SystemExit as e:  # train.py's own verdict, such as a diverged run
-            record["error"] = str(e.code) if e.code not in (None, 1) else "stopped: see train.log"
+            model = train.train(argv, model)
+        except data.InputError as e:  # train.py's own verdict, such as a diverged run
+            record["error"] = f"error: {e}"
         except Exception as e:  # what the mistake does to PyTorch, such as CTCLoss refusing lengths
             record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-    if record["error"] and "diverged" not in record["error"]:
-        with open(folder / "train.log") as log:  # train.py's error line says more than the exit code
-            errors = [line.strip() for line in log if line.startswith("error:")]
-            record["error"] = errors[-1] if errors else record["error"]
     record["wall_minutes"] = (time.time() - started) / 60
     if (folder / "metrics.jsonl").exists():
         keys = ("steps", "audio_seconds", "train_minutes", "final_loss", "curve")
@@ -438,9 +433,8 @@ def main(argv=None):
         verdict = done[key]["error"] or f"dev letter CER {done[key].get('letter_cer', math.nan):.1f}%"
         print(f"{key}: {verdict}", file=sys.stderr)
         results = [done[k] for k in keys if k in done]
-        tmp = results_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"minutes": args.minutes, "rows": results}, indent=1))
-        tmp.replace(results_file)
+        table = json.dumps({"minutes": args.minutes, "rows": results}, indent=1).encode()
+        data.write_atomically(results_file, lambda f: f.write(table))
         write_table(results, args.minutes, args.out)
         plot(results, args.out)
     print(f"{args.out / 'table.md'}, {args.out / 'cer.png'}", file=sys.stderr)

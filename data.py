@@ -1,4 +1,5 @@
-"""Corpus, text, audio and batches (download.py gets the corpora).
+"""Corpus, text, audio and batches; and what every script shares: the error users see (InputError),
+flag types, atomic file writes. download.py gets the corpora.
 
     corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])
     batches = BucketBatches([u["seconds"] for u in corpus], batch_seconds=800, seed=0)
@@ -37,8 +38,31 @@ LAYOUTS = ("a LibriSpeech-layout directory (<speaker>/<chapter>/<speaker>-<chapt
 SEPARATORS = str.maketrans({"-": " ", "\u2014": " ", "\u2013": " ", "_": " ", "/": " ", "\u2019": "'"})
 
 
-class DataError(Exception):
-    """A problem with the user's data that stops the run; the message says what to do."""
+class InputError(Exception):
+    """Bad input the user can fix (a flag, a corpus, a checkpoint, an LM file, a diverged run's settings):
+    the message names it and says what to do. Helpers raise it; each script's main() prints it as
+    'error: ...' and exits with status 1."""
+
+
+def write_atomically(path, write):
+    """Write a file whole or not at all: write(f) fills a temporary file beside path (binary), which is
+    flushed to disk and renamed over it; a crash or kill mid-write leaves the old file as it was."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # the pid: two processes may write one file
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def in_range(kind, low, high=math.inf, low_open=False):
@@ -94,17 +118,17 @@ def _files_under(root, skip):
 
 
 def read_lines(path, expected=LAYOUTS):
-    """The lines of a UTF-8 text file (a byte-order mark is dropped), or DataError naming the
+    """The lines of a UTF-8 text file (a byte-order mark is dropped), or InputError naming the
     file and the line that is not UTF-8, or that it is binary, and what was expected."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8. "
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8. "
                         f"Expected {expected}.") from None
     if "\0" in text:
-        raise DataError(f"{path}: a binary file, not text. Expected {expected}.")
+        raise InputError(f"{path}: a binary file, not text. Expected {expected}.")
     return text.splitlines()
 
 
@@ -129,13 +153,13 @@ def _read_manifest(path):
     try:
         lines = read_lines(path)
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     for line_no, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
         columns = line.split("\t")
         if len(columns) != 2:  # a third column would otherwise end up in the transcript
-            raise DataError(f"{path}:{line_no}: expected two tab-separated columns, 'audio path<TAB>"
+            raise InputError(f"{path}:{line_no}: expected two tab-separated columns, 'audio path<TAB>"
                             f"transcript', got {len(columns)}: {line[:80]!r}")
         audio, text = columns
         audio = Path(audio)
@@ -172,9 +196,7 @@ def audio_info(paths):
     if changed:
         try:  # a cache we cannot write only costs time on the next start
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
+            write_atomically(cache_file, lambda f: f.write(json.dumps(cache).encode()))
         except OSError:
             pass
     return info
@@ -182,7 +204,7 @@ def audio_info(paths):
 
 def read_corpus(paths, log=print):
     """Read corpora into a list of dicts {id, path, text, seconds}; log what was skipped and why.
-    Raises DataError naming the path when one holds no usable transcripts."""
+    Raises InputError naming the path when one holds no usable transcripts."""
     stats, named = collections.Counter(), collections.defaultdict(list)
 
     def skip(reason, what):
@@ -193,13 +215,13 @@ def read_corpus(paths, log=print):
     utterances = []
     for path in map(Path, paths):
         if not path.exists():
-            raise DataError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
+            raise InputError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
         if path.suffix.lower() in AUDIO_SUFFIXES:
-            raise DataError(f"{path} is an audio file, not a corpus. Expected {LAYOUTS}.")
+            raise InputError(f"{path} is an audio file, not a corpus. Expected {LAYOUTS}.")
         files = list(_files_under(path, skip)) if path.is_dir() else []
         items = _read_librispeech(files, skip) if path.is_dir() else _read_manifest(path)
         if not items:
-            raise DataError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
+            raise InputError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
         present = []
         for item in items:
             if item[1].is_file():
@@ -230,7 +252,7 @@ def read_corpus(paths, log=print):
                 utterances.append({"id": utt_id, "path": str(audio), "text": text,
                                    "seconds": frames / rate})
         if len(utterances) == usable_before:
-            raise DataError(f"{path}: none of its {len(items)} transcript lines has usable audio "
+            raise InputError(f"{path}: none of its {len(items)} transcript lines has usable audio "
                             f"({dict(stats)}). Expected {LAYOUTS}.")
     log(f"data: {len(utterances)} utterances, {sum(u['seconds'] for u in utterances) / 3600:.1f} h "
         f"from {', '.join(map(str, paths))}")
@@ -328,6 +350,15 @@ def collate(items):
 
 
 # --------------------------------------------------------------------------------- batches
+def batch_loader(utterances, batches, workers, pin_memory):
+    """Padded batches (collate) of utterances, batches: a BucketBatches, read by workers processes. It
+    has its own generator: a loader must not draw from the global RNG, or a resume would shift it."""
+    return torch.utils.data.DataLoader(
+        AudioDataset(utterances), batch_sampler=batches, collate_fn=collate, num_workers=workers,
+        pin_memory=pin_memory, worker_init_fn=ignore_signals, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None, generator=torch.Generator())
+
+
 class BucketBatches(torch.utils.data.Sampler):
     """Batches of similar-length utterances, each at most batch_seconds of padded audio.
 

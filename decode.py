@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 import data
-from model import FRAMES_PER_SECOND, HOP, SAMPLE_RATE, WINDOW, build_from_checkpoint, lengths_mask
+import runs
+from data import InputError
+from model import FRAMES_PER_SECOND, HOP, SAMPLE_RATE, WINDOW, lengths_mask
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
 WINDOW_BATCHES = 32   # inputs are sorted by length this many batches at a time, then written in order
@@ -66,6 +68,20 @@ def greedy_decode(log_probs, out_lengths):
     return [" ".join("".join(symbol for symbol, _, _ in spans).split()) for spans in paths]
 
 
+def greedy_corpus(model, batches, device, bf16=False):
+    """(references, greedy hypotheses) over batches from data.collate; a None batch (only unusable
+    files) is passed over. The model is scored in eval mode and left in the mode it was in."""
+    refs, hyps, training = [], [], model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in filter(None, batches):
+            log_probs, out_lengths = model(batch["waves"].to(device), batch["wave_lengths"])
+            hyps += greedy_decode(log_probs, out_lengths)
+            refs += batch["texts"]
+    model.train(training)
+    return refs, hyps
+
+
 def read_lm_words(path):
     """The words of an ARPA file's unigrams (plain or gzipped), for the default lexicon, or None
     for a KenLM binary, whose words cannot be listed."""
@@ -77,7 +93,9 @@ def read_lm_words(path):
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
             return arpa_unigrams(f, path)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, or not gzip under a .gz name
-        raise ValueError(f"{path}: not a complete gzip file ({e}); download or build it again") from None
+        raise InputError(f"{path}: not a complete gzip file ({e}); download or build it again") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
 
 
 def arpa_unigrams(lines, path):
@@ -86,10 +104,10 @@ def arpa_unigrams(lines, path):
     for line_no, line in enumerate(lines, 1):
         line = line.strip()
         if section is None and line.startswith("\ufeff"):
-            raise ValueError(f"{path}: starts with a UTF-8 byte-order mark, which KenLM cannot read: "
+            raise InputError(f"{path}: starts with a UTF-8 byte-order mark, which KenLM cannot read: "
                              f"save it without one")
         if section is None and line and line != "\\data\\":
-            raise ValueError(f"{path}:{line_no}: expected an ARPA file, which opens with \\data\\")
+            raise InputError(f"{path}:{line_no}: expected an ARPA file, which opens with \\data\\")
         if line.startswith("\\"):
             if section == "\\1-grams:":
                 break
@@ -97,10 +115,10 @@ def arpa_unigrams(lines, path):
         elif section == "\\1-grams:" and line:
             fields = line.split()
             if len(fields) < 2:
-                raise ValueError(f"{path}:{line_no}: expected 'log10 p<TAB>word', got {line[:60]!r}")
+                raise InputError(f"{path}:{line_no}: expected 'log10 p<TAB>word', got {line[:60]!r}")
             words.append(fields[1])
     if section is None:
-        raise ValueError(f"{path} is empty: expected an ARPA file")
+        raise InputError(f"{path} is empty: expected an ARPA file")
     return [w for w in words if w not in ("<s>", "</s>", "<unk>")]
 
 
@@ -109,8 +127,8 @@ def read_lexicon(path):
     fields (librispeech-lexicon.txt's pronunciations, our lexicon's spellings) are not needed."""
     try:
         lines = data.read_lines(path, expected="a lexicon: a word first on each line")
-    except data.DataError as e:
-        raise ValueError(str(e)) from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
     return [line.split()[0] for line in lines if line.strip()]
 
 
@@ -121,21 +139,21 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
     source = lexicon or lm
     lm_words = read_lm_words(lm) if lm else None
     if not lexicon and lm_words is None:
-        raise ValueError(f"{lm} is a KenLM binary, whose words cannot be listed here: pass the words it "
+        raise InputError(f"{lm} is a KenLM binary, whose words cannot be listed here: pass the words it "
                          f"may output with --lexicon")
     words = read_lexicon(lexicon) if lexicon else lm_words
     if lexicon and lm_words is not None:  # a word the LM lacks is scored as <unk>, as if misspelled
         known = set(lm_words)
         unknown = [w for w in words if w not in known]
         if len(unknown) > len(words) / 2:
-            raise ValueError(f"{len(unknown):,} of the {len(words):,} words of {lexicon} are not in {lm} "
+            raise InputError(f"{len(unknown):,} of the {len(words):,} words of {lexicon} are not in {lm} "
                              f"(e.g. {', '.join(unknown[:3])}; the LM has {', '.join(lm_words[:3])}): one in "
                              f"upper case and the other in lower? Use a lexicon written in the LM's spelling")
     # Decoder words stay as the LM writes them ("HELLO" in LibriSpeech's); spelled in our vocabulary.
     spellings = {w: data.normalize(w)[0] for w in words}
     spellings = {w: s for w, s in spellings.items() if s and " " not in s}
     if not spellings:
-        raise ValueError(f"{source} holds no words spelled with the model's letters and apostrophe")
+        raise InputError(f"{source} holds no words spelled with the model's letters and apostrophe")
     with tempfile.TemporaryDirectory() as folder:
         lexicon_file = Path(folder) / "lexicon.txt"
         # A word ends at the boundary token "|", as the decoder's lexicons spell it.
@@ -145,7 +163,7 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
                                lm_weight=lm_weight, word_score=word_score,
                                blank_token=data.VOCAB[data.BLANK], sil_token="|")
         except RuntimeError as e:  # KenLM's message says what it could not parse
-            raise ValueError(f"{lm}: KenLM cannot load it: {str(e).splitlines()[-1]}") from None
+            raise InputError(f"{lm}: KenLM cannot load it: {str(e).splitlines()[-1]}") from None
 
 
 def beam_search_spans(decoder, log_probs, out_lengths):
@@ -238,7 +256,7 @@ def resolve_inputs(paths):
         if manifest or path.is_dir() and any(path.rglob("*.trans.txt")):
             try:
                 corpus = data.read_corpus([path], log=lambda m: print(m, file=sys.stderr))
-            except data.DataError as e:
+            except InputError as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue
             utterances += [(u["id"], u["path"], u["text"]) for u in corpus]
@@ -326,7 +344,7 @@ def decode_in_order(model, paths, device, args, spans):
             next_index += 1
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="best.pt or last.pt written by train.py")
@@ -351,32 +369,21 @@ def main(argv=None):
                       help=f"default {BEAM_DEFAULTS['beam_size']}, at most {MAX_BEAM:,}")
     beam.add_argument("--lm-weight", type=finite, help=f"default {BEAM_DEFAULTS['lm_weight']}")
     beam.add_argument("--word-score", type=finite, help=f"per word; default {BEAM_DEFAULTS['word_score']}")
-    args = parser.parse_args(argv)
-    settings = {name: getattr(args, name) for name in BEAM_DEFAULTS}
-    if not (args.lm or args.lexicon) and any(v is not None for v in settings.values()):
-        parser.error("--beam-size, --lm-weight and --word-score need --lm or --lexicon")
+    return parser
+
+
+def decode_inputs(args):
+    """Decode as the parsed command line says, printing each transcript as it is ready. Raises
+    InputError for a bad checkpoint, LM or lexicon (before any audio), or when nothing was decoded."""
     spans = greedy_spans
     if args.lm or args.lexicon:
-        settings = {name: BEAM_DEFAULTS[name] if v is None else v for name, v in settings.items()}
-        try:
-            decoder = build_beam_search(args.lm, args.lexicon, **settings)
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        spans = functools.partial(beam_search_spans, decoder)
-
+        settings = {name: BEAM_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+                    for name in BEAM_DEFAULTS}
+        spans = functools.partial(beam_search_spans, build_beam_search(args.lm, args.lexicon, **settings))
     device = torch.device(args.device)
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
-    try:
-        model, _ = build_from_checkpoint(args.checkpoint)
-    except FileNotFoundError:
-        last = Path(args.checkpoint).with_name("last.pt")
-        sys.exit(f"error: {args.checkpoint}: no such file" + (
-            f"; no evaluation has run yet in that run (best.pt is written by each one), but {last} is "
-            f"there: decode that" if Path(args.checkpoint).name == "best.pt" and last.exists() else ""))
-    except Exception as e:  # a truncated or foreign file fails in many ways
-        sys.exit(f"error: {args.checkpoint} is not a readable checkpoint written by train.py "
-                 f"({type(e).__name__}: {e})")
+    model, _ = runs.build_from_checkpoint(args.checkpoint)
     model.to(device).eval()
 
     utterances = resolve_inputs(args.inputs)
@@ -395,12 +402,24 @@ def main(argv=None):
         if ref is not None and not problem:
             scored.append((ref, text))
     if failed == len(utterances):
-        sys.exit("error: nothing was decoded")
+        raise InputError("nothing was decoded")
     if scored:
         wer, cer = error_rates(*zip(*scored))
         print(f"WER {wer:.2f}%  CER {cer:.2f}%  ({len(scored)} utterances with references)", file=sys.stderr)
     if failed:
         print(f"warning: {failed} of {len(utterances)} inputs could not be decoded", file=sys.stderr)
+
+
+def main(argv=None):
+    """The command line: decode_inputs() with its InputError printed as 'error: ...' and exit status 1."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.lm or args.lexicon) and any(getattr(args, name) is not None for name in BEAM_DEFAULTS):
+        parser.error("--beam-size, --lm-weight and --word-score need --lm or --lexicon")
+    try:
+        decode_inputs(args)
+    except InputError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

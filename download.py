@@ -1,8 +1,9 @@
-"""Get corpora: CMU's AN4 (50 minutes of real speech, a first run on a CPU) and LibriSpeech
-(language models: lm.py).
+"""Get corpora: CMU's AN4 (50 minutes of real speech, a first run on a CPU), LibriSpeech and Mini
+LibriSpeech (language models: lm.py).
 
     python download.py an4 --root .                                    # -> ./AN4/{train,dev,test}
     python download.py train-clean-100 dev-clean test-clean --root .   # -> ./LibriSpeech/<subset>
+    python download.py train-clean-5 dev-clean-2 --root .              # Mini LibriSpeech, 7 h
 
 Every archive shows bytes, rate and ETA while it downloads; an interrupted download continues
 where it stopped when the same command is run again. An archive is extracted beside its target
@@ -23,14 +24,21 @@ from pathlib import Path
 
 import soundfile
 
-LIBRISPEECH_MIRROR = "https://www.openslr.org/resources/12"
-# The MD5 sums OpenSLR publishes for its LibriSpeech archives (openslr.org/12).
+OPENSLR = "https://www.openslr.org/resources"
+# The MD5 sums OpenSLR publishes for its LibriSpeech archives, by its resource number: 12 is
+# LibriSpeech (openslr.org/12); 31 is Mini LibriSpeech (openslr.org/31: 5 h of train-clean-100's
+# speakers and 2 h of dev-clean's, for a CPU), whose md5sum.txt PaddleSpeech's and others'
+# downloaders quote alike.
 PUBLISHED_MD5 = {
-    "dev-clean": "42e2234ba48799c1f50f24a7926300a1", "dev-other": "c8d0bcc9cca99d4f8b62fcc847357931",
-    "test-clean": "32fa31d27d2e1cad72775fee3f4849a9", "test-other": "fb5a50374b501bb3bac4815ee91d3135",
-    "train-clean-100": "2a93770f6d5c6c964bc36631d331a522",
-    "train-clean-360": "c0e676e450a7ff2f54aeade5171606fa",
-    "train-other-500": "d1a0fd59409feb2c614ce4d30c387708",
+    "dev-clean": (12, "42e2234ba48799c1f50f24a7926300a1"),
+    "dev-other": (12, "c8d0bcc9cca99d4f8b62fcc847357931"),
+    "test-clean": (12, "32fa31d27d2e1cad72775fee3f4849a9"),
+    "test-other": (12, "fb5a50374b501bb3bac4815ee91d3135"),
+    "train-clean-100": (12, "2a93770f6d5c6c964bc36631d331a522"),
+    "train-clean-360": (12, "c0e676e450a7ff2f54aeade5171606fa"),
+    "train-other-500": (12, "d1a0fd59409feb2c614ce4d30c387708"),
+    "train-clean-5": (31, "5df7d4e78065366204ca6845bb08f490"),
+    "dev-clean-2": (31, "6d7ab67ac6a1d2c993d050e16d61080d"),
 }
 
 AN4_MIRROR = "http://www.speech.cs.cmu.edu/databases/an4"
@@ -120,22 +128,25 @@ def extract(archive, staging):
 
 
 # ----------------------------------------------------------------------------- LibriSpeech
-def download_librispeech(subsets, root, base_url):
-    """Fetch, verify and extract LibriSpeech subsets into root/LibriSpeech/<subset>. Every archive
-    is checked against OpenSLR's published MD5, whichever mirror served it."""
+def download_librispeech(subsets, root, base_url=None):
+    """Fetch, verify and extract LibriSpeech subsets into root/LibriSpeech/<subset>, from OpenSLR or
+    base_url (a folder serving <subset>.tar.gz). Every archive is checked against OpenSLR's
+    published MD5, whichever mirror served it."""
     for subset in subsets:
+        resource, md5 = PUBLISHED_MD5[subset]
+        url = f"{base_url or f'{OPENSLR}/{resource}'}/{subset}.tar.gz"
         final = root / "LibriSpeech" / subset
         if already_there(final, "*.trans.txt"):
             print(f"{final} is already there; skipping {subset}", file=sys.stderr)
             continue
         archive = root / f"{subset}.tar.gz.part"
-        fetch_archive(f"{base_url}/{subset}.tar.gz", archive)
+        fetch_archive(url, archive)
         actual = digest_of(archive, hashlib.md5())
-        if actual != PUBLISHED_MD5[subset]:
+        if actual != md5:
             archive.unlink()
-            raise DownloadError(f"{subset}.tar.gz from {base_url} has MD5 {actual}, OpenSLR publishes "
-                                f"{PUBLISHED_MD5[subset]}; the bad file was removed and nothing was "
-                                f"extracted. Run the command again, or pick another mirror with --base-url.")
+            raise DownloadError(f"{url} has MD5 {actual}, OpenSLR publishes {md5}; the bad file was "
+                                f"removed and nothing was extracted. Run the command again, or pick "
+                                f"another mirror with --base-url.")
         staging = root / f".extracting-{subset}"
         extract(archive, staging)
         if not (staging / "LibriSpeech" / subset).is_dir():
@@ -285,9 +296,10 @@ def main(argv=None):
     choices = ["an4", *sorted(PUBLISHED_MD5)]
     parser.add_argument("corpora", nargs="+", metavar="NAME", help=f"{', '.join(choices)}")
     parser.add_argument("--root", default=".", help="folder that will hold AN4/ and LibriSpeech/")
-    parser.add_argument("--base-url", help=f"another location of the archives (default: {AN4_MIRROR} "
-                                           f"for an4, {LIBRISPEECH_MIRROR} for LibriSpeech); what it "
-                                           f"serves is checked against OpenSLR's MD5s all the same")
+    parser.add_argument("--base-url", help=f"another folder that serves the archives (default: {AN4_MIRROR} "
+                                           f"for an4, {OPENSLR}/12 for LibriSpeech, /31 for Mini "
+                                           f"LibriSpeech); what it serves is checked against OpenSLR's MD5s "
+                                           f"all the same")
     args = parser.parse_args(argv)
     for name in set(args.corpora) - set(choices):
         parser.error(f"unknown name {name!r}: choose from {', '.join(choices)} (LMs: lm.py)")
@@ -298,7 +310,7 @@ def main(argv=None):
             download_an4(root, (args.base_url or AN4_MIRROR).rstrip("/"))
         subsets = [c for c in args.corpora if c in PUBLISHED_MD5]
         if subsets:
-            download_librispeech(subsets, root, (args.base_url or LIBRISPEECH_MIRROR).rstrip("/"))
+            download_librispeech(subsets, root, args.base_url and args.base_url.rstrip("/"))
     exit_on_errors(work)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import download
 from download import DownloadError
-from data import normalize
+from data import normalize, write_atomically
 
 def read_sentences(paths):
     """Word lists from LibriSpeech-layout folders (.trans.txt), TSV manifests (the transcript
@@ -110,10 +110,9 @@ def write_arpa(model, path):
     words = sorted(g[0] for g in model[0] if g[0] not in ("<s>", "</s>", "<unk>"))
     lexicon = "".join(f"{word}\t{' '.join(word)}\n" for word in words)
     for target, text in zip(lm_outputs(path), ("\n".join(lines), lexicon)):
-        partial = target.with_name(target.name + ".part")
-        with (gzip.open if target.suffix == ".gz" else open)(partial, "wt", encoding="utf-8") as f:
-            f.write(text)
-        partial.replace(target)
+        encoded = text.encode()
+        encoded = gzip.compress(encoded) if target.suffix == ".gz" else encoded
+        write_atomically(target, lambda f: f.write(encoded))
 
 
 def lm_outputs(path):

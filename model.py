@@ -10,8 +10,7 @@ and SpecAugment (training only) ->
 the model so that training and decoding cannot disagree on them. Every step is
 padding-invariant: an utterance gets the same output alone and inside a padded batch.
 """
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -224,48 +223,3 @@ class CTCModel(nn.Module):
             x = layer(self.dropout(x) if i > 0 else x, lengths)
         logits = self.output(self.dropout(x))
         return F.log_softmax(logits.float(), dim=-1), self.output_lengths(wave_lengths)
-
-
-def build_from_checkpoint(checkpoint, map_location="cpu"):
-    """Rebuild a model from a checkpoint path or an already loaded checkpoint dict."""
-    if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
-    model = CTCModel(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
-
-
-def model_checkpoint(model, vocab):
-    """The part of every checkpoint that rebuilds the model: plain types and tensors only."""
-    return {"model_config": asdict(model.config), "model": model.state_dict(), "vocab": list(vocab)}
-
-
-def gradient_norms_by_block(model):
-    """Gradient norm of the front end, each GRU layer and the output layer. A block near zero
-    (vanishing) or far above the others (exploding) shows where to look."""
-    blocks = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            kind, index = name.split(".")[:2]  # layers.2.forward_gru.weight_hh_l0: GRU layer 2
-            block = f"rnn{index}" if kind == "layers" else "output" if kind == "output" else "front end"
-            blocks[block] = blocks.get(block, 0.0) + p.grad.detach().float().pow(2).sum()
-    return {block: round(float(total) ** 0.5, 4) for block, total in blocks.items()}
-
-
-def save_atomically(obj, path):
-    """Write to a temp file, fsync, rename: a crash mid-write leaves the old file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -30,13 +30,15 @@ from flashlight.lib.text.dictionary import create_word_dict
 
 import ablation
 import data
-import model as model_lib
+import runs
 import decode
 import download
 import lm
 import plot
 import train
-from model import TIME_STRIDES, CTCModel, ModelConfig, build_from_checkpoint, model_checkpoint
+from model import TIME_STRIDES, CTCModel, ModelConfig
+from data import InputError
+from runs import build_from_checkpoint, model_checkpoint
 
 HERE = Path(__file__).resolve().parent
 # Tone-burst "speech": each letter is its own pitch, 90 ms on, 30 ms off. Any working CTC
@@ -153,7 +155,7 @@ def beam_texts(decoder, log_probs, lengths):
 def train_one_rank(rank, flags, port, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), XDG_CACHE_HOME=str(out_dir / f"cache{rank}"))
-    model = train.main(flags)
+    model = train.train(flags)
     torch.save(model.state_dict(), out_dir / f"rank{rank}.weights")
 
 
@@ -354,9 +356,9 @@ def test_frequency_warp_moves_tones_as_a_scaled_vocal_tract_would():
 
 def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=2, rnn_hidden=16, conv_channels=4)).eval()
-    model_lib.save_atomically({**model_checkpoint(model, data.VOCAB), "note": [1, "x"]}, tmp_path / "m.pt")
-    checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)  # plain types and tensors only
-    rebuilt, _ = build_from_checkpoint(checkpoint)
+    runs.save_checkpoint({**model_checkpoint(model, data.VOCAB), "note": [1, "x"]}, tmp_path / "m.pt")
+    torch.load(tmp_path / "m.pt", weights_only=True)  # plain types and tensors only
+    rebuilt, _ = build_from_checkpoint(tmp_path / "m.pt")
     wave = torch.randn(2, 12000)
     lengths = torch.tensor([12000, 8000])
     torch.testing.assert_close(rebuilt.eval()(wave, lengths)[0], model(wave, lengths)[0], atol=0, rtol=0)
@@ -381,15 +383,15 @@ def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_pa
     monkeypatch.setattr(train, "learning_rate", lr_then_maybe_interrupt)
 
     interrupt_at = None
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "straight", *flags))
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "straight", *flags))
     straight, trace[:] = list(trace), []
     interrupt_at = 5
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "split", *flags))
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "split", *flags))
     stopped = torch.load(tmp_path / "split/last.pt", weights_only=True)
     assert stopped["step"] == 6 and stopped["epoch"] == 0
     interrupt_at = None
     # A flag that changes only how often it logs may be given (a flag that changes the run may not).
-    train.main(["--resume", str(tmp_path / "split/last.pt"), "--log-every", "3"])
+    train.train(["--resume", str(tmp_path / "split/last.pt"), "--log-every", "3"])
     # Each step's lr, then its batch: the same sequence straight and across the resume
     # (dev batches included, since evaluation happens at the same steps).
     assert trace == straight
@@ -405,7 +407,7 @@ def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_pa
 def test_the_moving_average_is_what_is_evaluated_saved_and_decoded(tmp_path):
     train_dir, dev_dir = make_corpus(tmp_path, 20, 4)
     flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--ema-decay", "0.5", "--max-minutes", "1e-9")
-    average = train.main(flags)  # one step
+    average = train.train(flags)  # one step
     # Weights that require grad get their bf16 casts cached: a CPU GRU's evaluation is 3.6x faster.
     assert all(p.requires_grad for p in average.parameters())
     torch.manual_seed(0)  # the run's seed: its initial weights
@@ -481,7 +483,7 @@ def test_a_small_model_learns_to_read_tone_bursts(tmp_path, precision):
     test_texts = [random_text(rng) for _ in range(40)]
     test_dir = tmp_path / "test"
     write_librispeech(test_dir, test_texts, speaker=3)
-    train.main(["--data", str(train_dir), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"),
+    train.train(["--data", str(train_dir), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"),
                 "--rnn-layers", "2", "--rnn-hidden", "64", "--conv-channels", "8", "--workers", "0",
                 "--freq-warp", "0", "--freq-masks", "0", "--time-masks", "0", "--batch-seconds", "8",
                 "--epochs", "4",
@@ -501,8 +503,8 @@ def test_missing_or_empty_data_paths_exit_naming_the_path_and_layouts(tmp_path, 
     (tmp_path / "empty").mkdir()
     _, dev_dir = make_corpus(tmp_path, 1, 2)
     for bad in [tmp_path / "nowhere", tmp_path / "empty"]:
-        with pytest.raises(SystemExit) as exit_info:
-            train.main(["--data", str(bad), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"), *TINY])
+        with pytest.raises(InputError) as exit_info:
+            train.train(["--data", str(bad), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"), *TINY])
         assert str(bad) in str(exit_info.value) and "LibriSpeech-layout" in str(exit_info.value)
         assert "TSV manifest" in str(exit_info.value)
 
@@ -530,7 +532,7 @@ def test_bad_files_are_skipped_counted_and_named_and_training_goes_on(tmp_path, 
         "5-50-0005 %% ...\n5-50-0006 " + "ABCDEFGHIJ" * 8 + "\n5-50-0007 ABCD\n5-50-0008 ABC\n")
     flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--max-seconds", "5",
                         "--eval-every", "100")
-    train.main([*flags, "--data", str(train_dir), str(tmp_path / "more.tsv")])
+    train.train([*flags, "--data", str(train_dir), str(tmp_path / "more.tsv")])
     out = capsys.readouterr()
     assert "audio file missing: 1" in out.out and "5-50-0008.flac" in out.out
     assert "audio without transcript (ignored): 1" in out.out and "5-50-0099.flac" in out.out
@@ -547,10 +549,10 @@ def test_bad_files_are_skipped_counted_and_named_and_training_goes_on(tmp_path, 
 def test_a_run_folder_that_holds_a_run_is_refused_and_a_live_run_locks_its_folder(tmp_path, monkeypatch):
     train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
     flags = train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100")
-    train.main(flags)
+    train.train(flags)
     before = {p: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.suffix != ".lock"}
-    with pytest.raises(SystemExit) as again:  # say, --resume forgotten: the run is kept, not replaced
-        train.main(flags)
+    with pytest.raises(InputError) as again:  # say, --resume forgotten: the run is kept, not replaced
+        train.train(flags)
     assert "already holds a run" in str(again.value)
     assert f"--resume {tmp_path / 'run/last.pt'}" in str(again.value)
     assert {p: p.read_bytes() for p in before} == before
@@ -561,10 +563,10 @@ def test_a_run_folder_that_holds_a_run_is_refused_and_a_live_run_locks_its_folde
         held.write("pid 4242 on elsewhere\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit) as busy:
-            train.main(train_flags(train_dir, dev_dir, tmp_path / "live", "--epochs", "1"))
+        with pytest.raises(InputError) as busy:
+            train.train(train_flags(train_dir, dev_dir, tmp_path / "live", "--epochs", "1"))
         assert "in use by another training process (pid 4242 on elsewhere" in str(busy.value)
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "live", "--epochs", "1", "--eval-every", "100"))
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "live", "--epochs", "1", "--eval-every", "100"))
     assert (tmp_path / "live/last.pt").exists()
     # Default names never collide, even for runs started in the same second.
     monkeypatch.chdir(tmp_path)
@@ -572,7 +574,7 @@ def test_a_run_folder_that_holds_a_run_is_refused_and_a_live_run_locks_its_folde
     names = []
     for _ in range(3):
         args = argparse.Namespace(run_dir=None)
-        train.claim_run_dir(args, None).close()
+        runs.claim_run_dir(args, None).close()
         names.append(args.run_dir)
     assert names == ["runs/20260101-000000", "runs/20260101-000000-2", "runs/20260101-000000-3"]
 
@@ -583,20 +585,20 @@ def test_flags_are_checked_before_any_work_and_resume_refuses_what_was_typed(tmp
                         ("--lr", "0"), ("--epochs", "0"), ("--workers", "-1"), ("--batch-seconds", "0"),
                         ("--dropout", "1"), ("--lr", "nan")]:
         with pytest.raises(SystemExit):
-            train.main([*nowhere, flag, value])
+            train.train([*nowhere, flag, value])
         err = capsys.readouterr().err
         assert f"argument {flag}" in err and value in err and "nowhere" not in err
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit) as unwritable:  # found before the data scan, which would fail
-        train.main([*nowhere, "--run-dir", str(tmp_path / "file/run")])
+    with pytest.raises(InputError) as unwritable:  # found before the data scan, which would fail
+        train.train([*nowhere, "--run-dir", str(tmp_path / "file/run")])
     assert "cannot write there" in str(unwritable.value)
     # --resume refuses a typed flag even when its value is the parser's default.
     train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--lr", "3e-3",
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--lr", "3e-3",
                            "--eval-every", "100"))
     for flag, default in [("--epochs", "40"), ("--lr", "1.5e-3")]:
-        with pytest.raises(SystemExit) as refused:
-            train.main(["--resume", str(tmp_path / "run/last.pt"), flag, default])
+        with pytest.raises(InputError) as refused:
+            train.train(["--resume", str(tmp_path / "run/last.pt"), flag, default])
         assert f"{flag} cannot change" in str(refused.value)
 
 
@@ -610,7 +612,7 @@ def test_a_batch_of_only_unusable_files_is_a_counted_skipped_step(tmp_path, caps
     soundfile.write(dev_dir / "2/198/2-198-0099.flac", tones("a")[:300], 16000)  # under 25 ms
     with open(dev_dir / "2/198/2-198.trans.txt", "a") as f:
         f.write("2-198-0099 A\n")
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--batch-seconds", "100",
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--batch-seconds", "100",
                            "--eval-every", "1", "--log-every", "1"))
     out = capsys.readouterr().out
     assert "shorter than one analysis window (25 ms): 1" in out and "2-198-0099.flac" in out
@@ -629,13 +631,13 @@ def test_unusable_audio_says_why_and_decode_skips_too_short_clips(tmp_path):
     assert problems == {"nan.wav": "NaN or infinite samples", "silent.wav": "silent audio",
                         "short.flac": data.TOO_SHORT}
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    model_lib.save_atomically(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
     short = run_script("decode.py", tmp_path / "m.pt", tmp_path / "short.flac")
     assert short.returncode != 0 and "Traceback" not in short.stderr
     assert "short.flac" in short.stderr and "shorter than one analysis window" in short.stderr
     not_a_checkpoint = run_script("decode.py", tmp_path / "short.flac", tmp_path / "short.flac")
     assert not_a_checkpoint.returncode != 0 and "Traceback" not in not_a_checkpoint.stderr
-    assert "is not a readable checkpoint" in not_a_checkpoint.stderr
+    assert "not a readable train.py checkpoint" in not_a_checkpoint.stderr
 
 
 def test_text_files_linked_folders_and_unreadable_folders(tmp_path, monkeypatch):
@@ -662,7 +664,7 @@ def test_text_files_linked_folders_and_unreadable_folders(tmp_path, monkeypatch)
     (tmp_path / "latin1.tsv").write_bytes("a.wav\tABC\na.wav\tCAF\u00c9\n".encode("latin-1"))
     (tmp_path / "binary.tsv").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     for path, line in [(tmp_path / "latin1.tsv", 2), (tmp_path / "binary.tsv", 1)]:
-        with pytest.raises(data.DataError) as error:
+        with pytest.raises(data.InputError) as error:
             data.read_corpus([path], log=lambda m: None)
         assert f"{path}:{line}: not UTF-8" in str(error.value)
 
@@ -673,7 +675,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)]
     (run / "metrics.jsonl").write_text("".join(lines)
                                        + '{"step": 9, "lo')  # cut short by a kill -9
-    train.keep_metrics_until(5, run / "metrics.jsonl", run)
+    runs.keep_metrics_until(5, run / "metrics.jsonl", run)
     kept = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in kept] == [1, 2, 3, 4, 5]
 
@@ -687,7 +689,7 @@ def test_a_stop_on_an_evaluation_step_still_evaluates(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_lr(step, total, args)
     monkeypatch.setattr(train, "learning_rate", interrupt_during_step_3)
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "5", "--eval-every", "3"))
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "5", "--eval-every", "3"))
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "dev_cer" in r] == [3]
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 3
@@ -704,17 +706,16 @@ def test_non_finite_steps_are_skipped_and_a_diverged_run_stops_with_advice(tmp_p
         return loss * float("nan") if len(calls) % 3 == 0 or always_nan else loss
     monkeypatch.setattr(torch.nn.CTCLoss, "forward", sometimes_nan)
     always_nan = False
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100"))
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100"))
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("skipped_steps", 0) for r in records) > 0
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 2
     always_nan = True
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        train.main(train_flags(train_dir, dev_dir, tmp_path / "run2", "--epochs", "3", "--eval-every", "100"))
-    out = capsys.readouterr().out
-    assert f"{train.MAX_BAD_STEPS_IN_A_ROW + 1} steps in a row had a non-finite loss" in out
-    assert "Lower --lr" in out
+    with pytest.raises(InputError) as diverged:
+        train.train(train_flags(train_dir, dev_dir, tmp_path / "run2", "--epochs", "3", "--eval-every", "100"))
+    assert f"{train.MAX_BAD_STEPS_IN_A_ROW + 1} steps in a row had a non-finite loss" in str(diverged.value)
+    assert "Lower --lr" in str(diverged.value)
 
 
 def test_out_of_memory_on_one_batch_skips_it_with_advice(tmp_path, monkeypatch, capsys):
@@ -727,7 +728,7 @@ def test_out_of_memory_on_one_batch_skips_it_with_advice(tmp_path, monkeypatch, 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_forward(self, *args)
     monkeypatch.setattr(CTCModel, "forward", out_of_memory_once)
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100"))
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100"))
     out = capsys.readouterr().out
     assert "out of memory" in out and "--batch-seconds" in out
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 1
@@ -752,21 +753,21 @@ def test_ctrl_c_saves_last_checkpoint_and_prints_the_resume_command(tmp_path):
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    model_lib.save_atomically({"step": 1}, path)
+    runs.save_checkpoint({"step": 1}, path)
 
     def crash_midway(obj, f):
         f.write(b"partial")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError):
-        model_lib.save_atomically({"step": 2}, path)
+        runs.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]
 
 
 def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tmp_path):
     train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100"))
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100"))
     good = torch.load(tmp_path / "run/last.pt", weights_only=True)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((tmp_path / "run/last.pt").read_bytes()[:1000])
@@ -781,23 +782,16 @@ def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tm
              (tmp_path / "run/last.pt", ["--lr", "0.5", "--eval-every", "7"], "--lr cannot change")]
     files_before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for path, flags, problem in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            train.main(["--resume", str(path), *flags])
+        with pytest.raises(InputError) as exit_info:
+            train.train(["--resume", str(path), *flags])
         assert str(path) in str(exit_info.value) and problem in str(exit_info.value)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files_before
-    # A run saved before a model option existed (here --speed-perturb) resumes with its default.
-    older = {**good, "model_config": {k: v for k, v in good["model_config"].items() if k != "speed_perturb"},
-             "train_config": {**{k: v for k, v in good["train_config"].items() if k != "speed_perturb"},
-                              "epochs": 2}}  # not finished: there is an epoch to continue
-    torch.save(older, tmp_path / "run/last.pt")
-    resumed = train.main(["--resume", str(tmp_path / "run/last.pt"), "--eval-every", "100"])
-    assert resumed.config.speed_perturb is False
 
 
 def test_decode_reports_each_bad_input_and_fails_only_if_nothing_decoded(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     checkpoint = tmp_path / "m.pt"
-    model_lib.save_atomically(model_checkpoint(model, data.VOCAB), checkpoint)
+    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), checkpoint)
     (tmp_path / "no_audio").mkdir()
     (tmp_path / "broken.flac").write_bytes(b"not audio")
     soundfile.write(tmp_path / "good.wav", tones("abc"), 16000)
@@ -947,10 +941,10 @@ def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_pa
     command = ["download.py", "dev-clean", "--root", root, "--base-url", server.url]
     # The archive is not OpenSLR's, so the published MD5 refuses it, after a complete download.
     refused = run_script(*command)
-    assert refused.returncode != 0 and download.PUBLISHED_MD5["dev-clean"] in refused.stderr
+    assert refused.returncode != 0 and download.PUBLISHED_MD5["dev-clean"][1] in refused.stderr
     assert not list(root.iterdir())
     monkeypatch.setattr(download, "PUBLISHED_MD5", {**download.PUBLISHED_MD5,
-                                                    "dev-clean": hashlib.md5(archive).hexdigest()})
+                                                    "dev-clean": (12, hashlib.md5(archive).hexdigest())})
     server.ranges.clear()
     server.cut_after = len(archive) // 2
     with pytest.raises(SystemExit) as cut:
@@ -974,6 +968,41 @@ def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_pa
         download.main(["dev-clean", "--root", str(other), "--base-url", server.url])
     assert "MD5" in str(bad.value) and "nothing was extracted" in str(bad.value)
     assert not (other / "LibriSpeech").exists() and not list(other.iterdir())
+
+
+@pytest.mark.parametrize("subset", ["train-clean-5", "dev-clean-2"])
+def test_mini_librispeech_comes_from_openslr_31_and_only_with_its_published_md5(tmp_path, monkeypatch, subset):
+    root, urls = tmp_path / "root", []
+
+    def unreachable(url, target):
+        urls.append(url)
+        raise OSError("no network")
+    with monkeypatch.context() as offline:
+        offline.setattr(download, "fetch", unreachable)
+        with pytest.raises(SystemExit):
+            download.main([subset, "--root", str(root)])
+    assert urls == [f"https://www.openslr.org/resources/31/{subset}.tar.gz"]
+    (root / f"{subset}.tar.gz.part").unlink(missing_ok=True)
+    write_librispeech(tmp_path / "src/LibriSpeech" / subset, ["abc", "de"])
+    with tarfile.open(tmp_path / "a.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src/LibriSpeech", arcname="LibriSpeech")
+    archive = (tmp_path / "a.tar.gz").read_bytes()
+    server = ArchiveServer({f"{subset}.tar.gz": archive})
+    command = [subset, "--root", str(root), "--base-url", server.url]
+    with pytest.raises(SystemExit) as refused:  # built here, so not OpenSLR's archive
+        download.main(command)
+    assert download.PUBLISHED_MD5[subset][1] in str(refused.value) and not list(root.iterdir())
+    monkeypatch.setattr(download, "PUBLISHED_MD5", {**download.PUBLISHED_MD5,
+                                                    subset: (31, hashlib.md5(archive).hexdigest())})
+    for bad in (archive[:len(archive) // 2], archive[:-1] + bytes([archive[-1] ^ 1])):  # truncated, tampered
+        server.files[f"{subset}.tar.gz"] = bad
+        with pytest.raises(SystemExit) as refused:
+            download.main(command)
+        assert "MD5" in str(refused.value) and not list(root.iterdir())
+    server.files[f"{subset}.tar.gz"] = archive
+    download.main(command)
+    corpus = data.read_corpus([root / "LibriSpeech" / subset], log=lambda m: None)
+    assert [u["text"] for u in corpus] == ["abc", "de"]
 
 
 def test_a_mirror_that_is_unreachable_or_a_root_that_cannot_be_written_is_named(tmp_path):
@@ -1071,7 +1100,7 @@ def test_lm_librispeech_checks_sizes_and_sha256_resumes_and_keeps_files_as_publi
 # ------------------------------------------------------------------------ health checks
 def test_overfit_trains_and_scores_n_utterances_without_augmentation(tmp_path, capsys):
     train_dir, _ = make_corpus(tmp_path, 30, 1)
-    train.main(["--data", str(train_dir), "--overfit", "4", "--run-dir", str(tmp_path / "run"), *TINY,
+    train.train(["--data", str(train_dir), "--overfit", "4", "--run-dir", str(tmp_path / "run"), *TINY,
                 "--freq-warp", "0.1", "--freq-masks", "2", "--batch-seconds", "60", "--epochs", "3",
                 "--eval-every", "1"])
     checkpoint = torch.load(tmp_path / "run/last.pt", weights_only=True)
@@ -1244,60 +1273,60 @@ def test_lm_out_refuses_what_exists_and_what_cannot_be_written_before_any_work(t
 def test_resume_from_an_older_checkpoint_never_rewinds_and_branches_into_a_new_folder(tmp_path, monkeypatch):
     train_dir, dev_dir = make_corpus(tmp_path, 12, 2)
     run = tmp_path / "my run"  # a space: every printed command is quoted for the shell
-    train.main(train_flags(train_dir, dev_dir, run, "--epochs", "2", "--eval-every", "100",
+    train.train(train_flags(train_dir, dev_dir, run, "--epochs", "2", "--eval-every", "100",
                            "--max-minutes", "1e-9"))  # stops after its first step
     (run / "early.pt").write_bytes((run / "last.pt").read_bytes())
-    train.main(["--resume", str(run / "last.pt"), "--max-minutes", "1e-9"])  # one step more
+    train.train(["--resume", str(run / "last.pt"), "--max-minutes", "1e-9"])  # one step more
     before = {p: p.read_bytes() for p in run.iterdir() if p.suffix != ".lock"}
-    with pytest.raises(SystemExit) as rewind:
-        train.main(["--resume", str(run / "early.pt")])
+    with pytest.raises(InputError) as rewind:
+        train.train(["--resume", str(run / "early.pt")])
     assert "would rewind" in str(rewind.value) and f"'{run}/last.pt'" in str(rewind.value)
     assert "--run-dir" in str(rewind.value)
     assert {p: p.read_bytes() for p in before} == before
-    train.main(["--resume", str(run / "early.pt"), "--run-dir", str(tmp_path / "branch"), "--max-minutes", "60"])
+    train.train(["--resume", str(run / "early.pt"), "--run-dir", str(tmp_path / "branch"), "--max-minutes", "60"])
     assert {p: p.read_bytes() for p in before} == before  # the original run is untouched
     branch = [json.loads(line) for line in (tmp_path / "branch/metrics.jsonl").read_text().splitlines()]
     assert branch[0]["step"] == 1 and torch.load(tmp_path / "branch/last.pt", weights_only=True)["epoch"] == 2
-    with pytest.raises(SystemExit) as finished:  # a finished run says so instead of evaluating again
-        train.main(["--resume", str(tmp_path / "branch/last.pt")])
+    with pytest.raises(InputError) as finished:  # a finished run says so instead of evaluating again
+        train.train(["--resume", str(tmp_path / "branch/last.pt")])
     assert "finished its 2 epochs" in str(finished.value)
     # A run killed before its first save holds only metrics.jsonl: the advice must work.
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed/metrics.jsonl").write_text('{"step": 5, "loss": 2.0}\n')
-    with pytest.raises(SystemExit) as killed:
-        train.main(train_flags(train_dir, dev_dir, tmp_path / "killed", "--epochs", "1"))
+    with pytest.raises(InputError) as killed:
+        train.train(train_flags(train_dir, dev_dir, tmp_path / "killed", "--epochs", "1"))
     assert "holds no checkpoint" in str(killed.value) and "--resume" not in str(killed.value)
-    with pytest.raises(SystemExit) as nothing:
-        train.main(["--resume", str(tmp_path / "killed")])
+    with pytest.raises(InputError) as nothing:
+        train.train(["--resume", str(tmp_path / "killed")])
     assert "stopped before its first save" in str(nothing.value)
 
 
 def test_resume_refuses_changed_data_another_world_size_and_finds_relative_paths(tmp_path, monkeypatch):
     train_dir, dev_dir = make_corpus(tmp_path, 12, 2)
     monkeypatch.chdir(tmp_path)  # relative corpus paths, then a resume from another directory
-    train.main(train_flags(train_dir.relative_to(tmp_path), dev_dir.relative_to(tmp_path), tmp_path / "run",
+    train.train(train_flags(train_dir.relative_to(tmp_path), dev_dir.relative_to(tmp_path), tmp_path / "run",
                            "--epochs", "2", "--eval-every", "100", "--max-minutes", "1e-9"))
     monkeypatch.chdir(HERE)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit) as size:
-        train.main(["--resume", str(tmp_path / "run/last.pt")])
+    with pytest.raises(InputError) as size:
+        train.train(["--resume", str(tmp_path / "run/last.pt")])
     assert "trained in 1 processes, this is 2" in str(size.value) and "python train.py --resume" in str(size.value)
     monkeypatch.setenv("WORLD_SIZE", "1")
     write_librispeech(train_dir, ["abc"], speaker=7)  # one utterance more
     metrics = (tmp_path / "run/metrics.jsonl").read_bytes()
-    with pytest.raises(SystemExit) as changed:
-        train.main(["--resume", str(tmp_path / "run/last.pt")])
+    with pytest.raises(InputError) as changed:
+        train.train(["--resume", str(tmp_path / "run/last.pt")])
     assert "training data changed" in str(changed.value) and "'utterances': 13" in str(changed.value)
     assert (tmp_path / "run/metrics.jsonl").read_bytes() == metrics
     (train_dir / "7").rename(tmp_path / "moved")  # the data as it was: the run continues
-    assert train.main(["--resume", str(tmp_path / "run/last.pt"), "--max-minutes", "1e-9"]) is not None
-    assert train.resume_command(Path("r/last.pt"), 4) == "torchrun --nnodes=1 --nproc_per_node=4 " \
+    assert train.train(["--resume", str(tmp_path / "run/last.pt"), "--max-minutes", "1e-9"]) is not None
+    assert runs.resume_command(Path("r/last.pt"), 4) == "torchrun --nnodes=1 --nproc_per_node=4 " \
                                                          "train.py --resume r/last.pt"
 
 
 def test_resume_checks_weights_and_optimizer_before_the_folder_is_touched(tmp_path):
     train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
-    train.main(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100",
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100",
                            "--max-minutes", "1e-9"))
     good = torch.load(tmp_path / "run/last.pt", weights_only=True)
     renamed = {("renamed" if k.endswith("output.weight") else k): v for k, v in good["model"].items()}
@@ -1309,8 +1338,8 @@ def test_resume_checks_weights_and_optimizer_before_the_folder_is_touched(tmp_pa
         torch.save(checkpoint, tmp_path / "run" / f"{name}.pt")
     before = {p: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     for name, problem in [("renamed", "do not fit"), ("optimizer", "do not fit"), ("missing", "lacks rng_cpu")]:
-        with pytest.raises(SystemExit) as refused:
-            train.main(["--resume", str(tmp_path / "run" / f"{name}.pt")])
+        with pytest.raises(InputError) as refused:
+            train.train(["--resume", str(tmp_path / "run" / f"{name}.pt")])
         assert problem in str(refused.value), name
     assert {p: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
@@ -1329,7 +1358,7 @@ def test_devices_and_decode_numbers_are_checked_when_the_flags_are_read(tmp_path
         assert refused.value.code == 2 and f"argument {flags[-2]}" in capsys.readouterr().err, flags
     for device in ["foo"] + ([] if torch.cuda.is_available() else ["cuda"]):
         with pytest.raises(SystemExit):
-            train.main(["--data", "x", "--dev", "y", "--run-dir", str(tmp_path / "run"), "--device", device])
+            train.train(["--data", "x", "--dev", "y", "--run-dir", str(tmp_path / "run"), "--device", device])
         assert "argument --device" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
@@ -1346,7 +1375,7 @@ def test_a_lexicon_or_lm_that_would_be_read_wrong_is_named(tmp_path):
              (None, "binary.txt", "binary"), ("cut.arpa.gz", None, "not a complete gzip file"),
              ("plain.arpa.gz", None, "not a complete gzip file"), ("bom.arpa", None, "byte-order mark")]
     for arpa, lexicon, problem in cases:
-        with pytest.raises(ValueError, match=problem):
+        with pytest.raises(InputError, match=problem):
             decode.build_beam_search(arpa and tmp_path / arpa, lexicon and tmp_path / lexicon, 10, 1.0, 0.0)
     decode.build_beam_search(tmp_path / "upper.arpa", None, 10, 1.0, 0.0)  # the LM's own words: fine
 
@@ -1354,16 +1383,16 @@ def test_a_lexicon_or_lm_that_would_be_read_wrong_is_named(tmp_path):
 def test_manifests_have_two_columns_digits_are_skipped_and_ids_are_unique(tmp_path, capsys):
     soundfile.write(tmp_path / "a.flac", tones("abc"), 16000)
     (tmp_path / "three.tsv").write_text("a.flac\t3.40\tabc\n")
-    with pytest.raises(data.DataError, match=r"three.tsv:1: expected two tab-separated columns"):
+    with pytest.raises(data.InputError, match=r"three.tsv:1: expected two tab-separated columns"):
         data.read_corpus([tmp_path / "three.tsv"])
-    with pytest.raises(data.DataError, match="is an audio file"):
+    with pytest.raises(data.InputError, match="is an audio file"):
         data.read_corpus([tmp_path / "a.flac"])
     (tmp_path / "mixed.txt").write_text("a.flac\tabc\na.flac\troom 101\n")  # any name but .flac/.wav
     corpus = data.read_corpus([tmp_path / "mixed.txt"])
     assert [u["text"] for u in corpus] == ["abc"]
     assert "transcript holds digits (spell numbers out): 1" in capsys.readouterr().out
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    model_lib.save_atomically(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()
         soundfile.write(tmp_path / folder / "same.wav", tones("ab"), 16000)
@@ -1487,7 +1516,7 @@ def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_pa
 
 def test_decode_timestamps_are_json_lines_in_input_order_for_a_single_file_too(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    model_lib.save_atomically(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
     names = ["long.wav", "short.wav", "mid.wav"]  # not in length order: the output still is in input order
     for name, text in zip(names, ["abcabcabcabc", "ab", "abcab"]):
         soundfile.write(tmp_path / name, tones(text), 16000)

@@ -4,25 +4,23 @@
     python train.py --resume runs/<run>/last.pt             # continue a stopped run exactly
     torchrun --nproc_per_node=4 train.py --data ... --dev ...   # DistributedDataParallel
 
-The README has the CPU recipe (AN4). Every --log-every steps a line shows loss, learning rate,
-gradient norm, x-realtime (audio seconds per wall second), data wait, the blank share of the greedy
-output, peak memory and ETA; every --eval-every steps, dev WER/CER; the same go to <run>/metrics.jsonl.
-<run>/last.pt is written every --save-every steps and on Ctrl-C; <run>/best.pt has the best dev WER.
+This file is the flags and the training loop; runs.py keeps the run folder (checkpoints, the lock,
+resume checks). The README has the CPU recipe (AN4). Every --log-every steps a line shows loss,
+learning rate, gradient norm, x-realtime (audio seconds per wall second), data wait, the blank share
+of the greedy output, peak memory and ETA; every --eval-every steps, dev WER/CER; the same go to
+<run>/metrics.jsonl. <run>/last.pt is written every --save-every steps and on Ctrl-C; <run>/best.pt
+has the best dev WER (ties: the better CER). From Python, train(argv) runs the same and raises
+InputError where the command prints "error: ..." and exits with status 1.
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
-import errno
-import fcntl
-import hashlib
+import copy
 import json
 import math
 import os
 import resource
-import shlex
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -33,17 +31,15 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 import data
 import decode
-from model import (FRAMES_PER_SECOND, CTCModel, ModelConfig, gradient_norms_by_block, lengths_mask,
-                   model_checkpoint, save_atomically)
+import runs
+from data import InputError
+from model import FRAMES_PER_SECOND, CTCModel, ModelConfig, lengths_mask
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
 CONVERGED_CER = 1.0          # a dev CER (%) at or below this is a finished run, not a stuck one
 # Flags that change where and how often, not what, a run computes: --resume may change them.
 RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every", "max_minutes")
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
-CHECKPOINT_KEYS = ("model_config", "model", "vocab", "train_config", "optimizer", "step", "epoch",
-                   "batch_in_epoch", "best_wer", "rng_cpu", "rng_cuda")
 CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-steps); features not "
           "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
           "vocabulary without space or apostrophe; too little data for the model. Check with "
@@ -126,13 +122,6 @@ def model_config(args):
     return ModelConfig(vocab_size=len(data.VOCAB), **{name: getattr(args, name) for name in fields})
 
 
-def resume_command(checkpoint, world_size):
-    """The command that continues a run from this checkpoint, ready to paste."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # set by torchrun
-    nodes = f"torchrun --nnodes={world_size // per_node} --nproc_per_node={per_node}"
-    return f"{'python' if world_size == 1 else nodes} train.py --resume {shlex.quote(str(checkpoint))}"
-
-
 def resolve_args(argv, log):
     """The run's flags and, with --resume, its checkpoint: a resumed run keeps the flags it was
     started with, and a flag typed now that would change them is refused, whatever its value.
@@ -140,125 +129,35 @@ def resolve_args(argv, log):
     args = build_parser().parse_args(argv)
     if not args.resume:
         if not args.data or not (args.dev or args.overfit):
-            sys.exit("error: --data and --dev are required (or --resume a run)")
+            raise InputError("--data and --dev are required (or --resume a run)")
         # Saved absolute, so that a resume from another working directory finds the corpora.
         args.data, args.dev = ([str(Path(p).absolute()) for p in ps or []] for ps in (args.data, args.dev))
         return args, None
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-        if missing:
-            raise KeyError(f"it lacks {', '.join(missing)}")
-    except FileNotFoundError:
-        sys.exit(f"error: --resume {path}: no such file" + path.parent.is_dir() * (
-            f"; {path.parent} holds no checkpoint: its run stopped before its first save"))
-    except Exception as e:  # a truncated or foreign file fails in many ways
-        sys.exit(f"error: --resume {path}: not a readable train.py checkpoint ({type(e).__name__}: {e})")
-    if checkpoint["vocab"] != data.VOCAB:
-        sys.exit(f"error: --resume {path}: its vocabulary {''.join(checkpoint['vocab'])!r} differs from "
-                 f"this code's {''.join(data.VOCAB)!r}; start a new run or use the matching code")
+    checkpoint = runs.load_checkpoint(path, runs.RESUME_KEYS, name=f"--resume {path}")
     given = {k: v for k, v in typed_flags(argv).items() if k != "resume"}
     refused = [as_flag(k) for k in given if k not in RESUME_MAY_CHANGE + ("run_dir",)]
     if refused:  # silently ignoring them would train something other than what was asked
-        sys.exit(f"error: --resume continues {path} with the flags it was started with; {' '.join(refused)} "
-                 f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
-                 f"Drop them, or start a new run with a new --run-dir.")
-    saved = argparse.Namespace(**{"ema_decay": 0.0, **checkpoint["train_config"]})  # runs before --ema-decay
-    try:
-        model = CTCModel(model_config(saved))
-        # A model field added since the checkpoint was written has its default value there.
-        if {**dataclasses.asdict(ModelConfig()), **checkpoint["model_config"]} != dataclasses.asdict(
-                model.config):
-            raise ValueError("its model shape differs from the flags it was saved with")
-        model.load_state_dict(checkpoint["model"])
-        torch.optim.AdamW(model.parameters()).load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        sys.exit(f"error: --resume {path}: its weights or optimizer state do not fit this code's model "
-                 f"({str(e).strip().splitlines()[0]}); use the code that wrote it, or start a new run")
-    world_size, saved_size = int(os.environ.get("WORLD_SIZE", 1)), checkpoint.get("world_size", 1)
-    if world_size != saved_size:  # the steps per epoch, the schedule and the batch order would change
-        sys.exit(f"error: --resume {path}: the run trained in {saved_size} processes, this is {world_size}. "
-                 f"Continue it as it started:\n  {resume_command(path, saved_size)}")
-    if checkpoint["epoch"] >= saved.epochs:  # more epochs would be another learning-rate schedule
-        sys.exit(f"error: --resume {path}: that run finished its {saved.epochs} epochs at step "
-                 f"{checkpoint['step']}; there is nothing to continue. To train longer, start a new run.")
-    run_dir, last = Path(given.get("run_dir") or path.parent), path.parent / "last.pt"
-    if run_dir.resolve() == path.parent.resolve() and path.name != "last.pt" and last.exists():
-        last_step = torch.load(last, map_location="cpu", weights_only=True)["step"]
-        if last_step > checkpoint["step"]:  # continuing here would overwrite the later work
-            sys.exit(f"error: --resume {path} (step {checkpoint['step']}) would rewind the run in "
-                     f"{run_dir}, whose last.pt is at step {last_step}. Continue it with\n  "
-                     f"{resume_command(last, saved_size)}\nor branch from step {checkpoint['step']} into "
-                     f"a new folder:\n  {resume_command(path, saved_size)} --run-dir NEW_FOLDER")
+        raise InputError(f"--resume continues {path} with the flags it was started with; {' '.join(refused)} "
+                         f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
+                         f"Drop them, or start a new run with a new --run-dir.")
+    saved = argparse.Namespace(**checkpoint["train_config"])
+    run_dir = Path(given.get("run_dir") or path.parent)
+    runs.check_resumable(checkpoint, path, CTCModel(model_config(saved)), run_dir,
+                         int(os.environ.get("WORLD_SIZE", 1)))
     args = argparse.Namespace(**{**vars(saved), **given, "resume": str(path), "run_dir": str(run_dir)})
     try:
         data.device(args.device)
     except argparse.ArgumentTypeError as e:
-        sys.exit(f"error: --resume {path}: the run used --device {args.device}: {e}")
+        raise InputError(f"--resume {path}: the run used --device {args.device}: {e}") from None
     log(f"resuming {path} at step {checkpoint['step']}" + f" in {run_dir}" * (run_dir != path.parent))
     return args, checkpoint
 
 
-def logged_step(line):
-    """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError):
-        return math.inf
-
-
-def new_run_dir():
-    """Make runs/<date>-<time>, or -2, -3, ... after it when another run took that name this second."""
-    stem = time.strftime("runs/%Y%m%d-%H%M%S")
-    for name in [stem] + [f"{stem}-{n}" for n in range(2, 1000)]:
-        with contextlib.suppress(FileExistsError):
-            Path(name).mkdir(parents=True)
-            return name
-    raise FileExistsError(errno.EEXIST, "every name is taken", stem)
-
-
-def claim_run_dir(args, resuming_here):
-    """Create the run folder (or reopen it, to resume there) and lock it for this process. Returns
-    the lock file, held open for the whole run: the kernel releases the lock when the process
-    ends, even by kill -9. A folder that already holds a run is refused unless resumed there."""
-    try:
-        args.run_dir = args.run_dir or new_run_dir()
-        run_dir = Path(args.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / "train.lock", "a+")
-    except OSError as e:
-        sys.exit(f"error: --run-dir {e.filename}: cannot write there ({e.strerror}); pick another --run-dir")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        sys.exit(f"error: {run_dir} is in use by another training process ({lock.read().strip()}, "
-                 f"per {run_dir / 'train.lock'}); wait for it to end, or pick another --run-dir")
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if held and not resuming_here:
-        advice = (f"Continue it with\n  {resume_command(run_dir / 'last.pt', 1)}\nor" if "last.pt" in held
-                  else "It holds no checkpoint (it stopped before its first save): remove it, or")
-        sys.exit(f"error: {run_dir} already holds a run ({', '.join(held)}). {advice} start a new run "
-                 f"with another --run-dir.")
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock
-
-
-def keep_metrics_until(step, source, run_dir):
-    """run_dir/metrics.jsonl as source's lines up to this step: those a killed run logged after its
-    checkpoint will be logged again; a branch into a new folder starts with its history."""
-    if source.exists():
-        kept = "".join(f"{line}\n" for line in source.read_text().splitlines() if logged_step(line) <= step)
-        (run_dir / "metrics.jsonl.tmp").write_text(kept)
-        os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
-
-
-def setup_device(args):
-    """(device, rank, world size, bf16 autocast on?); under torchrun, joins the process group."""
+def setup_device(args, cleanup):
+    """(device, rank, world size, bf16 autocast on?); under torchrun, joins the process group (left
+    when cleanup, an ExitStack, closes)."""
     if "RANK" not in os.environ:  # not started by torchrun
         device, rank, world_size = torch.device(args.device), 0, 1
     else:
@@ -267,66 +166,78 @@ def setup_device(args):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        cleanup.callback(dist.destroy_process_group)
     # bf16 autocast: no loss scaling needed, unlike fp16; a CPU without AVX512-BF16 only emulates it.
     bf16 = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() if args.bf16 is None else args.bf16
     return device, rank, world_size, bf16
 
 
-def build_data(args, model, rank, world_size, pin_memory, log):
-    """(train loader and its batch sampler, dev loader, what identifies the training set: a resume
-    must find the same); exits naming the data if it is unusable."""
-    try:
-        train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
-                                          model.output_lengths, log)
-        train_set = train_set[:args.overfit] if args.overfit else train_set
-        dev_set = train_set if args.overfit else data.read_corpus(args.dev, log)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+def read_data(args, model, log):
+    """(training utterances, dev utterances); InputError naming the data if it is unusable."""
+    train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
+                                      model.output_lengths, log)
+    train_set = train_set[:args.overfit] if args.overfit else train_set
     if not train_set:
-        sys.exit(f"error: no trainable utterances left in {' '.join(args.data)} (see the counts above)")
+        raise InputError(f"no trainable utterances left in {' '.join(args.data)} (see the counts above)")
+    return train_set, train_set if args.overfit else data.read_corpus(args.dev, log)
+
+
+def build_loaders(args, train_set, dev_set, rank, world_size, pin_memory):
+    """(train loader, its batch sampler, dev loader)."""
     sampler = data.BucketBatches([u["seconds"] for u in train_set], args.batch_seconds, args.seed,
                                  rank=rank, world_size=world_size)
     if len(sampler) == 0:
-        sys.exit(f"error: fewer batches than processes; lower --batch-seconds ({args.batch_seconds})")
-    # Own generators: the loaders must not draw from the global RNG, or resume would shift it.
-    common = dict(collate_fn=data.collate, num_workers=args.workers, pin_memory=pin_memory,
-                  worker_init_fn=data.ignore_signals, persistent_workers=args.workers > 0,
-                  prefetch_factor=4 if args.workers else None)
-    loader = torch.utils.data.DataLoader(data.AudioDataset(train_set), batch_sampler=sampler,
-                                         generator=torch.Generator(), **common)
+        raise InputError(f"fewer batches than processes; lower --batch-seconds ({args.batch_seconds})")
     dev_batches = data.BucketBatches([u["seconds"] for u in dev_set], args.batch_seconds, shuffle=False)
-    dev_loader = torch.utils.data.DataLoader(data.AudioDataset(dev_set), batch_sampler=dev_batches,
-                                             generator=torch.Generator(), **common)
+    dev_loader = data.batch_loader(dev_set, dev_batches, args.workers, pin_memory)
     if rank == 0:  # the rank that evaluates
         # Start the dev workers now, while this process is small: forked later from a process holding
         # the training's memory, they slowed the next steps (copy on write), 10 s on AN4 (RESULTS.md).
         iter(dev_loader)
-    ids = hashlib.sha1("\n".join(u["id"] for u in train_set).encode()).hexdigest()[:16]
-    return loader, sampler, dev_loader, {"utterances": len(train_set), "ids_sha1": ids,
-                                         "seconds": round(sum(u["seconds"] for u in train_set), 2)}
+    return data.batch_loader(train_set, sampler, args.workers, pin_memory), sampler, dev_loader
 
 
-def evaluate_and_report(model, dev_loader, device, bf16, label, step, cer_history, block_norms, args, log):
-    """Score dev (corpus-level greedy WER and CER) and log it with the health signals: the three longest
-    pairs, each block's gradient norm, a warning if the run looks stuck. Returns (WER, metrics record)."""
-    started, refs, hyps = time.time(), [], []
-    model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch in filter(None, dev_loader):  # None: a batch of only unusable files
-            log_probs, out_lengths = model(batch["waves"].to(device), batch["wave_lengths"])
-            hyps += decode.greedy_decode(log_probs, out_lengths)
-            refs += batch["texts"]
-    model.train()
-    (wer, cer), pairs, seconds = decode.error_rates(refs, hyps), list(zip(refs, hyps)), time.time() - started
-    cer_history.append(cer)
-    log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  gradient norms {block_norms}")
-    for ref, hyp in pairs[-3:]:  # the longest: the shortest are often single words
-        log(f"  ref: {ref}\n  hyp: {hyp}")
-    warning = diagnose([hyp for _, hyp in pairs], cer_history, step, args)
-    if warning:
-        log(f"warning: {warning}")
-    return wer, {"dev_wer": wer, "dev_cer": cer, "grad_norms": block_norms, "warning": warning,
-                 "eval_seconds": seconds}
+def build_optimizer(args, checkpoint, model, device):
+    """AdamW and the moving average of the weights (or None), new or as the checkpoint left them, and
+    the progress so far: (step, epoch, batch in epoch, (best dev WER, its CER))."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    # Its weights keep requires_grad, though no loss reaches them: bf16 autocast caches casts only of such
+    # weights, and the CPU GRU would recast its own every time step (evaluation 3.6x slower, RESULTS.md).
+    average = copy.deepcopy(model) if args.ema_decay else None
+    if checkpoint is None:
+        return optimizer, average, (0, 0, 0, (math.inf, math.inf))
+    return optimizer, average, runs.restore_training_state(checkpoint, model, average, optimizer, device)
+
+
+class Evaluation:
+    """Dev scoring during training: corpus-level greedy WER and CER, logged with the health signals (the
+    three longest pairs, each block's gradient norm, a warning if the run looks stuck). Keeps the CER
+    history the warnings need and the time spent, which --max-minutes leaves out."""
+
+    def __init__(self, dev_loader, device, bf16, args, log):
+        self.dev_loader, self.device, self.bf16, self.args, self.log = dev_loader, device, bf16, args, log
+        self.cer_history, self.block_norms, self.seconds = [], {}, 0.0
+
+    def training_minutes(self, run_start):
+        return (time.time() - run_start - self.seconds) / 60
+
+    def run(self, model, label, step):
+        """Score model on dev; returns the metrics record."""
+        started = time.time()
+        refs, hyps = decode.greedy_corpus(model, self.dev_loader, self.device, self.bf16)
+        (wer, cer), seconds = decode.error_rates(refs, hyps), time.time() - started
+        self.cer_history.append(cer)
+        self.seconds += seconds
+        self.log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  "
+                 f"gradient norms {self.block_norms}")
+        for ref, hyp in list(zip(refs, hyps))[-3:]:  # the longest: the shortest are often single words
+            self.log(f"  ref: {ref}\n  hyp: {hyp}")
+        warning = diagnose(hyps, self.cer_history, step, self.args)
+        if warning:
+            self.log(f"warning: {warning}")
+        return {"dev_wer": wer, "dev_cer": cer, "grad_norms": self.block_norms, "warning": warning,
+                "eval_seconds": seconds}
 
 
 def diagnose(hyps, cer_history, step, args):
@@ -358,11 +269,24 @@ class LogInterval:
     """The steps since the last log line. Sums stay on the device until the line: no host sync per step."""
 
     def __init__(self, device):
-        self.sums = torch.zeros(3, device=device)  # loss, blank frames, real frames
-        self.device, self.start, self.audio, self.wait, self.grad_norm = device, time.time(), 0.0, 0.0, 0.0
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.sums = torch.zeros(3, device=self.device)  # loss, blank frames, real frames
+        self.start, self.audio, self.wait, self.grad_norm = time.time(), 0.0, 0.0, 0.0
         self.trained, self.skipped, self.oom = 0, 0, 0
 
+    def timed(self, batches):
+        """The batches, the time spent waiting for each counted as data wait."""
+        batches, waited = iter(batches), time.time()
+        for batch in batches:
+            self.wait += time.time() - waited
+            yield batch
+            waited = time.time()
+
     def add(self, loss, grad_norm, log_probs, out_lengths):
+        """A trained step."""
         with torch.no_grad():
             inside = lengths_mask(out_lengths.to(log_probs.device, non_blocking=True), log_probs.shape[1])
             blanks = ((log_probs.argmax(-1) == data.BLANK) & inside).sum()
@@ -371,7 +295,7 @@ class LogInterval:
         self.trained += 1
 
     def report(self, epoch, step, total_steps, lr, eta_seconds):
-        """(log line, metrics record) for the steps since the last log line."""
+        """(log line, metrics record) for the steps since the last log line; a new interval starts."""
         loss, blank_frames, frames = self.sums.tolist()
         elapsed, trained = time.time() - self.start, max(1, self.trained)
         r = {"epoch": epoch, "step": step, "loss": loss / trained, "lr": lr,
@@ -383,7 +307,34 @@ class LogInterval:
                 f"grad {r['grad_norm']:.2f} {r['x_realtime']:.0f}x realtime data wait "
                 f"{100 * r['data_wait']:.0f}% blank {100 * r['blank_share']:.0f}% skipped {self.skipped} "
                 f"memory {r['peak_memory_gb']:.1f} GB ETA {eta_seconds / 60:.0f} min")
+        self.reset()
         return line, r
+
+
+def gradient_norms_by_block(model):
+    """Gradient norm of the front end, each GRU layer and the output layer. A block near zero
+    (vanishing) or far above the others (exploding) shows where to look."""
+    blocks = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            kind, index = name.split(".")[:2]  # layers.2.forward_gru.weight_hh_l0: GRU layer 2
+            block = f"rnn{index}" if kind == "layers" else "output" if kind == "output" else "front end"
+            blocks[block] = blocks.get(block, 0.0) + p.grad.detach().float().pow(2).sum()
+    return {block: round(float(total) ** 0.5, 4) for block, total in blocks.items()}
+
+
+def forward(model, batch, device, bf16):
+    """(log-probs, output lengths) of a batch. bf16 autocast needs no loss scaling, unlike fp16."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(batch["waves"].to(device, non_blocking=True), batch["wave_lengths"])
+
+
+def update_average(average, model, step, decay):
+    """One step of the moving average of the weights (if any). Early on it averages only about the last
+    ninth of the steps (TensorFlow's num_updates rule), so that the random start fades fast."""
+    if average:
+        update = get_ema_multi_avg_fn(min(decay, (1 + step) / (10 + step)))
+        update(list(average.parameters()), list(model.parameters()), None)
 
 
 def on_every_rank(flag, device, distributed):
@@ -395,188 +346,186 @@ def on_every_rank(flag, device, distributed):
     return bool(flag.item())
 
 
-def skip_out_of_memory_batch(batch, optimizer, cuda, args, log):
-    """One outsized batch should not end a long run: free what it took, say what to change."""
-    optimizer.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.empty_cache()
-    padded = batch["waves"].numel() / data.SAMPLE_RATE
-    log(f"warning: out of memory on a batch of {len(batch['ids'])} utterances ({padded:.0f} s padded), "
-        f"skipped. If this repeats, lower --batch-seconds (now {args.batch_seconds}) or --max-seconds")
+class SkipStep(Exception):
+    """Raised inside a step by StepGuard.unless(): the rest of the step is not done."""
 
 
-def catch_stop_signals():
+class StepGuard:
+    """Around each training step: a batch of only unusable files, a non-finite loss or gradient, or
+    CUDA out of memory (on one process) skip that step instead of ending the run, counted in the log.
+
+        with guard(batch) as skip:
+            skip.unless(condition)       # False: the rest of this step is skipped
+    """
+
+    def __init__(self, optimizer, interval, args, device, distributed, log):
+        self.optimizer, self.interval, self.args, self.log = optimizer, interval, args, log
+        self.device, self.distributed = device, distributed
+        self.bad_in_a_row, self.batch = 0, None  # non-finite steps since the last good one
+
+    def __call__(self, batch):
+        self.batch = batch
+        return self
+
+    def unless(self, condition):
+        if not condition:
+            raise SkipStep
+
+    def unless_finite(self, loss, grad_norm):
+        """Skip a step whose loss or gradient is NaN or infinite, before it reaches the weights. The one
+        host sync per step."""
+        finite = torch.isfinite(grad_norm).item() and torch.isfinite(loss).item()
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        self.unless(finite)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is SkipStep:
+            self.interval.skipped += 1
+            return True
+        if kind is not None and issubclass(kind, torch.OutOfMemoryError) and not self.distributed:
+            # One outsized batch should not end a long run (under DDP the other ranks already wait in
+            # this step's all-reduce: it must end). Free what it took, say what to change.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.interval.oom += 1
+            padded = self.batch["waves"].numel() / data.SAMPLE_RATE
+            self.log(f"warning: out of memory on a batch of {len(self.batch['ids'])} utterances "
+                     f"({padded:.0f} s padded), skipped. If this repeats, lower --batch-seconds "
+                     f"(now {self.args.batch_seconds}) or --max-seconds")
+            return True
+        return False
+
+
+def agreed_stop(stop, over_time, device, distributed):
+    """Whether to stop after this step: on Ctrl-C or SIGTERM, or past --max-minutes on rank 0's clock
+    (rank 0 alone evaluates, so its clock alone can leave evaluations out). All ranks stop together."""
+    return not on_every_rank(not (stop or over_time), device, distributed)
+
+
+def catch_stop_signals(cleanup):
     """From now on Ctrl-C and SIGTERM append to the returned list, so that the loop can finish its step,
-    save and say how to resume. Returns (that list, a function that puts the old handlers back)."""
+    save and say how to resume; the old handlers come back when cleanup (an ExitStack) closes."""
     stop = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore():
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return stop, restore
+    for sig, handler in previous.items():
+        cleanup.callback(signal.signal, sig, handler)
+    return stop
 
 
-def main(argv=None, model=None):
+def train(argv=None, model=None):
     """Train as the command line says; returns the model the checkpoints hold (on every rank). model: a
-    module to train instead of the flags' CTCModel, called and checkpointed as it is (ablation.py)."""
+    module to train instead of the flags' CTCModel, called and checkpointed as it is (ablation.py).
+    Raises InputError, naming the flag, file or checkpoint, before anything is written where it can."""
     master = int(os.environ.get("RANK", 0)) == 0
     log = (lambda message: print(message, flush=True)) if master else (lambda message: None)
-    try:  # the loop turns Ctrl-C into a stop; before it starts, there is nothing to save
-        args, checkpoint = resolve_args(argv, log)
-        if args.overfit:  # the health check: nothing may stand between the model and its training set
-            args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
-            args.speed_perturb, args.ema_decay = False, 0.0  # and it scores the trained weights themselves
-        here = checkpoint is not None and Path(args.run_dir).resolve() == Path(args.resume).parent.resolve()
-        lock = claim_run_dir(args, here) if master else None
-        try:
-            return train(args, checkpoint, master, log, model)
-        finally:
-            if lock:
-                lock.close()  # on an error exit too, so that the folder is free at once
-    except KeyboardInterrupt:
-        sys.exit("error: interrupted while starting, before the first step: nothing was trained or saved")
+    args, checkpoint = resolve_args(argv, log)
+    if args.overfit:  # the health check: nothing may stand between the model and its training set
+        args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
+        args.speed_perturb, args.ema_decay = False, 0.0  # and it scores the trained weights themselves
+    here = checkpoint is not None and Path(args.run_dir).resolve() == Path(args.resume).parent.resolve()
+    runs.check_run_dir(args.run_dir, here)  # before the data scan, which can take minutes
+    with contextlib.ExitStack() as cleanup:  # what the run holds, given back however it ends
+        device, rank, world_size, bf16 = setup_device(args, cleanup)
+        torch.manual_seed(args.seed)
+        model = (model or CTCModel(model_config(args))).to(device)
+        train_set, dev_set = read_data(args, model, log)
+        train_set_id = runs.training_set_id(train_set)
+        if checkpoint:
+            runs.check_same_training_set(checkpoint, args.resume, train_set_id)
+        if master:
+            cleanup.enter_context(runs.claim_run_dir(args, here))
+        loaders = build_loaders(args, train_set, dev_set, rank, world_size, pin_memory=device.type == "cuda")
+        return train_loop(args, checkpoint, model, loaders, train_set_id, device, world_size, bf16, log,
+                          cleanup)
 
 
-def build_model(args, checkpoint, device, model):
-    """The model, its moving average (or None), AdamW, new or as the checkpoint left them, and the progress
-    so far. A checkpoint's "model" is the average (evaluated, decoded), "trained_model" what AdamW trains."""
-    model = (model or CTCModel(model_config(args))).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    # Its weights keep requires_grad, though no loss reaches them: bf16 autocast caches casts only of such
-    # weights, and the CPU GRU would recast its own every time step (evaluation 3.6x slower, RESULTS.md).
-    ema = copy.deepcopy(model) if args.ema_decay else None
-    if checkpoint is None:
-        return model, ema, optimizer, (0, 0, 0, math.inf)
-    model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))  # shapes checked already
-    if ema:
-        ema.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng_cpu"])
-    if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
-        torch.cuda.set_rng_state(checkpoint["rng_cuda"])
-    return model, ema, optimizer, [checkpoint[k] for k in ("step", "epoch", "batch_in_epoch", "best_wer")]
-
-
-def train(args, checkpoint, master, log, model=None):
-    """The run after its flags and folder are settled: setup, the loop, the end."""
-    # ---- device, model, optimizer, data
-    device, rank, world_size, bf16 = setup_device(args)
-    distributed, cuda, run_dir = world_size > 1, device.type == "cuda", Path(args.run_dir or ".")
-    torch.manual_seed(args.seed)
-    model, ema, optimizer, progress = build_model(args, checkpoint, device, model)
-    step, epoch, batch_in_epoch, best_wer = progress
+def train_loop(args, checkpoint, model, loaders, train_set_id, device, world_size, bf16, log, cleanup):
+    """The run after its flags, data and folder are settled: optimizer, the loop, the end."""
+    master, distributed = int(os.environ.get("RANK", 0)) == 0, world_size > 1
+    run_dir = Path(args.run_dir or ".")
+    loader, sampler, dev_loader = loaders
+    optimizer, average, (step, epoch, batch_in_epoch, best) = build_optimizer(args, checkpoint, model, device)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{FRAMES_PER_SECOND / model.config.time_stride:.0f} output frames/s, "
         f"device {device}{' bf16' if bf16 else ''}, world size {world_size}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     ctc_loss = torch.nn.CTCLoss(blank=data.BLANK, zero_infinity=True)
-    loader, sampler, dev_loader, train_set = build_data(args, model, rank, world_size, cuda, log)
-    if checkpoint and checkpoint.get("train_set", train_set) != train_set:
-        sys.exit(f"error: --resume {args.resume}: the training data changed ({train_set} now, "
-                 f"{checkpoint['train_set']} then), and with it the epochs, schedule and batch order. "
-                 f"Restore it, or start a new run.")
-    if checkpoint and master:
-        keep_metrics_until(step, Path(args.resume).parent / "metrics.jsonl", run_dir)
-    total_steps = args.epochs * len(sampler)
+    total_steps, run_start, start_step = args.epochs * len(sampler), time.time(), step
     log(f"run: {run_dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
-    metrics = open(run_dir / "metrics.jsonl", "a", buffering=1) if master else None  # line-buffered
-    interval, bad_in_a_row, run_start, start_step = LogInterval(device), 0, time.time(), step
-    eval_seconds, out_of_time = 0.0, False  # the --max-minutes clock runs only while training
-    cer_history, block_norms = [], {}
+    if checkpoint and master:
+        runs.keep_metrics_until(step, Path(args.resume).parent / "metrics.jsonl", run_dir)
+    metrics = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a", buffering=1)) if master else None
+    interval = LogInterval(device)
+    guard = StepGuard(optimizer, interval, args, device, distributed, log)
+    evaluation = Evaluation(dev_loader, device, bf16, args, log)  # the --max-minutes clock skips its time
 
     def save(name):
-        save_atomically({
-            **model_checkpoint(ema or model, data.VOCAB), "train_config": vars(args),
-            **({"trained_model": model.state_dict()} if ema else {}),
-            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "best_wer": best_wer, "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if cuda else None, "world_size": world_size,
-            "train_set": train_set,
-        }, run_dir / name)
+        progress = (step, epoch, batch_in_epoch, best)
+        runs.save_training_state(run_dir / name, model, average, optimizer, progress, args, world_size,
+                                 train_set_id)
+
+    def log_progress(lr):
+        eta = (time.time() - run_start) / max(1, step - start_step) * (total_steps - step)
+        line, record = interval.report(epoch, step, total_steps, lr, eta)
+        log(line)
+        metrics.write(json.dumps({**record, "wall_seconds": time.time() - run_start}) + "\n")
 
     def evaluate_and_keep_best(label):
-        nonlocal best_wer, eval_seconds
-        wer, record = evaluate_and_report(ema or model, dev_loader, device, bf16, label, step, cer_history,
-                                          block_norms, args, log)
-        eval_seconds += record["eval_seconds"]
-        record = {"epoch": epoch, "step": step, **record, "wall_seconds": time.time() - run_start}
-        metrics.write(json.dumps(record) + "\n")
-        if wer < best_wer:
-            best_wer = wer
+        nonlocal best
+        record = evaluation.run(average or model, label, step)
+        metrics.write(json.dumps({"epoch": epoch, "step": step, **record,
+                                  "wall_seconds": time.time() - run_start}) + "\n")
+        if (record["dev_wer"], record["dev_cer"]) < best:  # a tie in WER goes to the better CER
+            best = (record["dev_wer"], record["dev_cer"])
             save("best.pt")
 
-    stop, restore_signal_handlers = catch_stop_signals()  # stop is checked once per step
+    stop = catch_stop_signals(cleanup)  # a list, checked once per step
     log("note: the greedy output is mostly blank at first (the 'blank plateau'); letters follow, then words")
+    over_time = False
 
-    # ---- the loop: get batch, forward, loss, backward, clip, step, log, evaluate, save
+    # ---- the loop: batch, learning rate, forward, loss, backward, clip, step, average, log, evaluate, save
     model.train()
-    while epoch < args.epochs and not stop and not out_of_time:
+    while epoch < args.epochs and not stop and not over_time:
         sampler.set_epoch(epoch, batch_in_epoch)
-        wait_start = time.time()
-        for batch in loader:
-            interval.wait += time.time() - wait_start
+        for batch in interval.timed(loader):
             lr = learning_rate(step, total_steps, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if not on_every_rank(batch is not None, device, distributed):  # None: only unusable files
-                interval.skipped += 1
-            else:
-                try:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        log_probs, out_lengths = ddp_model(batch["waves"].to(device, non_blocking=True),
-                                                           batch["wave_lengths"])
-                    # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
-                    loss = ctc_loss(log_probs.transpose(0, 1), batch["targets"].to(device, non_blocking=True),
-                                    out_lengths, batch["target_lengths"])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if (step + 1) % args.eval_every == 0:  # this step ends in an evaluation
-                        block_norms = gradient_norms_by_block(model)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                    # The one host sync per step: a non-finite step must be known before it is applied.
-                    finite = torch.isfinite(grad_norm).item() and torch.isfinite(loss).item()
-                    if finite:
-                        optimizer.step()
-                        if ema:  # early on, only the last ninth of the steps (TensorFlow's num_updates rule)
-                            update_ema = get_ema_multi_avg_fn(min(args.ema_decay, (1 + step) / (10 + step)))
-                            update_ema(list(ema.parameters()), list(model.parameters()), None)
-                        interval.add(loss, grad_norm, log_probs, out_lengths)
-                    interval.skipped += not finite
-                    bad_in_a_row = 0 if finite else bad_in_a_row + 1
-                except torch.OutOfMemoryError:
-                    if distributed:  # the other ranks are already waiting in this step's all-reduce
-                        raise
-                    skip_out_of_memory_batch(batch, optimizer, cuda, args, log)
-                    interval.oom += 1
-            if bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
-                log(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient: the run has "
-                    f"diverged. Lower --lr (now {args.lr}) or raise --warmup-steps and start anew, or "
-                    f"resume from before it: {resume_command(run_dir / 'last.pt', world_size)}")
-                sys.exit(1)
+            optimizer.param_groups[0]["lr"] = lr  # the one group: every parameter
+            with guard(batch) as skip:  # a step skipped on a batch of unusable files, OOM, NaN or inf
+                skip.unless(on_every_rank(batch is not None, device, distributed))
+                log_probs, out_lengths = forward(ddp_model, batch, device, bf16)
+                # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
+                loss = ctc_loss(log_probs.transpose(0, 1), batch["targets"].to(device, non_blocking=True),
+                                out_lengths, batch["target_lengths"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if (step + 1) % args.eval_every == 0:  # this step ends in an evaluation
+                    evaluation.block_norms = gradient_norms_by_block(model)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                skip.unless_finite(loss, grad_norm)
+                optimizer.step()
+                update_average(average, model, step, args.ema_decay)
+                interval.add(loss, grad_norm, log_probs, out_lengths)
+            if guard.bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
+                raise InputError(diverged(args, run_dir, world_size))
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             interval.audio += float(batch["wave_lengths"].sum()) / data.SAMPLE_RATE if batch else 0.0
-
             if step % args.log_every == 0 and master:
-                eta = (time.time() - run_start) / max(1, step - start_step) * (total_steps - step)
-                line, record = interval.report(epoch, step, total_steps, lr, eta)
-                log(line)
-                metrics.write(json.dumps({**record, "wall_seconds": time.time() - run_start}) + "\n")
-                interval = LogInterval(device)
-            if not on_every_rank(not stop, device, distributed) and not stop:
-                stop.append(signal.SIGTERM)  # another rank was stopped: all stop at this step
+                log_progress(lr)
+            over_time = master and evaluation.training_minutes(run_start) > (args.max_minutes or math.inf)
+            stopping = agreed_stop(stop, over_time, device, distributed)
             if step % args.eval_every == 0 and master:  # also when stopping: best.pt as uninterrupted
                 evaluate_and_keep_best(f"eval step {step}")
             if step % args.save_every == 0 and master:
                 save("last.pt")
-            if args.max_minutes:  # rank 0's clock decides for all ranks: it alone evaluates
-                over = master and time.time() - run_start - eval_seconds > 60 * args.max_minutes
-                out_of_time = not on_every_rank(not over, device, distributed)
-            if stop or out_of_time:
+            if stopping:
+                if not (stop or over_time):  # another rank was stopped
+                    stop.append(signal.SIGTERM)
                 break
-            wait_start = time.time()
         else:
             epoch, batch_in_epoch = epoch + 1, 0
 
@@ -585,15 +534,27 @@ def train(args, checkpoint, master, log, model=None):
         if not stop and step % args.eval_every:  # the last step was not just scored
             evaluate_and_keep_best("final")
         save("last.pt")
-        metrics.close()
-        if stop or out_of_time:
+        if stop or over_time:
             why = f"stopped by signal {stop[0]}" if stop else f"--max-minutes {args.max_minutes} reached"
             log(f"{why} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
-                f"  {resume_command(run_dir / 'last.pt', world_size)}")
-    restore_signal_handlers()
-    if distributed:
-        dist.destroy_process_group()
-    return ema or model
+                f"  {runs.resume_command(run_dir / 'last.pt', world_size)}")
+    return average or model
+
+
+def diverged(args, run_dir, world_size):
+    return (f"{MAX_BAD_STEPS_IN_A_ROW + 1} steps in a row had a non-finite loss or gradient: the run has "
+            f"diverged. Lower --lr (now {args.lr}) or raise --warmup-steps and start anew, or resume from "
+            f"before it: {runs.resume_command(run_dir / 'last.pt', world_size)}")
+
+
+def main(argv=None):
+    """The command line: train() with its InputError printed as 'error: ...' and exit status 1."""
+    try:
+        train(argv)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # the loop turns Ctrl-C into a stop; before it starts there is nothing to save
+        sys.exit("error: interrupted while starting, before the first step: nothing was trained or saved")
 
 
 if __name__ == "__main__":

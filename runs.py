@@ -1,0 +1,237 @@
+"""The run folder: what train.py keeps on disk, and the checks that keep it safe.
+
+    lock = claim_run_dir(args, resuming_here)              # a new folder, or the resumed one; locked
+    save_training_state(run_dir / "last.pt", model, ...)   # whole or not at all
+    checkpoint = load_checkpoint("runs/<run>/last.pt", RESUME_KEYS)   # checked, then check_resumable()
+    model, checkpoint = build_from_checkpoint("runs/<run>/best.pt")   # decode.py
+
+A run folder holds last.pt (every --save-every steps and at the end), best.pt (the best dev WER, ties
+broken by CER), metrics.jsonl (a JSON line per log line and evaluation) and train.lock (the live
+process). A folder that holds a run is never reused for a new one, and a resume never rewinds one.
+Checkpoints hold only tensors and plain Python types: torch.load(..., weights_only=True) reads them.
+"""
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shlex
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from data import VOCAB, InputError, write_atomically
+from model import CTCModel, ModelConfig
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
+MODEL_KEYS = ("model_config", "model", "vocab")       # what rebuilds the model
+RESUME_KEYS = MODEL_KEYS + ("train_config", "optimizer", "step", "epoch", "batch_in_epoch", "best_wer",
+                            "best_cer", "rng_cpu", "rng_cuda", "world_size", "train_set")
+
+
+def resume_command(checkpoint, world_size):
+    """The command that continues a run from this checkpoint, ready to paste."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # set by torchrun
+    nodes = f"torchrun --nnodes={world_size // per_node} --nproc_per_node={per_node}"
+    return f"{'python' if world_size == 1 else nodes} train.py --resume {shlex.quote(str(checkpoint))}"
+
+
+# ------------------------------------------------------------------------------ the folder
+def check_run_dir(run_dir, resuming_here):
+    """Refuse, before any work, a --run-dir that holds another run or cannot be made. Reads only;
+    claim_run_dir() checks again under the lock."""
+    if run_dir is None:
+        return
+    run_dir = Path(run_dir)
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held and not resuming_here:
+        advice = (f"Continue it with\n  {resume_command(run_dir / 'last.pt', 1)}\nor" if "last.pt" in held
+                  else "It holds no checkpoint (it stopped before its first save): remove it, or")
+        raise InputError(f"{run_dir} already holds a run ({', '.join(held)}). {advice} start a new run "
+                         f"with another --run-dir.")
+    nearest = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK):
+        raise InputError(f"--run-dir {run_dir}: cannot write there ({nearest} is not a writable folder); "
+                         f"pick another --run-dir")
+
+
+def new_run_dir():
+    """Make runs/<date>-<time>, or -2, -3, ... after it when another run took that name this second."""
+    stem = time.strftime("runs/%Y%m%d-%H%M%S")
+    for name in [stem] + [f"{stem}-{n}" for n in range(2, 1000)]:
+        with contextlib.suppress(FileExistsError):
+            Path(name).mkdir(parents=True)
+            return name
+    raise FileExistsError(errno.EEXIST, "every name is taken", stem)
+
+
+def claim_run_dir(args, resuming_here):
+    """Create the run folder (or reopen it, to resume there) and lock it for this process; sets
+    args.run_dir. Returns the lock file, to hold open for the whole run: the kernel releases the lock
+    when the process ends, even by kill -9. A folder that holds a run is refused unless resumed there."""
+    try:
+        args.run_dir = args.run_dir or new_run_dir()
+        run_dir = Path(args.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / "train.lock", "a+")
+    except OSError as e:
+        raise InputError(f"--run-dir {e.filename}: cannot write there ({e.strerror}); pick another "
+                         f"--run-dir") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        check_run_dir(run_dir, resuming_here)  # again: another process may have started there meanwhile
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise InputError(f"{run_dir} is in use by another training process ({holder}, per "
+                         f"{run_dir / 'train.lock'}); wait for it to end, or pick another "
+                         f"--run-dir") from None
+    except InputError:
+        lock.close()
+        raise
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
+
+
+def keep_metrics_until(step, source, run_dir):
+    """run_dir/metrics.jsonl as source's lines up to this step: those a killed run logged after its
+    checkpoint will be logged again; a branch into a new folder starts with its history."""
+    if source.exists():
+        kept = "".join(f"{line}\n" for line in source.read_text().splitlines() if logged_step(line) <= step)
+        write_atomically(run_dir / "metrics.jsonl", lambda f: f.write(kept.encode()))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def model_checkpoint(model, vocab):
+    """The part of every checkpoint that rebuilds the model: plain types and tensors only."""
+    return {"model_config": asdict(model.config), "model": model.state_dict(), "vocab": list(vocab)}
+
+
+def save_checkpoint(checkpoint, path):
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path, keys=MODEL_KEYS, name=None):
+    """A checkpoint train.py wrote for this code's vocabulary, holding these keys, or InputError
+    naming it as name (default: its path)."""
+    path = Path(path)
+    name = name or str(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [key for key in keys if key not in checkpoint]
+        if missing:
+            raise KeyError(f"it lacks {', '.join(missing)}")
+    except FileNotFoundError:
+        last = path.with_name("last.pt")
+        raise InputError(f"{name}: no such file" + (
+            f"; no evaluation has run yet in that run (best.pt is written by each one), but {last} is "
+            f"there: use that" if path.name == "best.pt" and last.exists() else "") + (
+            f"; {path.parent} holds no checkpoint: its run stopped before its first save"
+            if path.name == "last.pt" and path.parent.is_dir() else "")) from None
+    except Exception as e:  # a truncated or foreign file fails in many ways
+        raise InputError(f"{name}: not a readable train.py checkpoint ({type(e).__name__}: {e})") from None
+    if checkpoint["vocab"] != VOCAB:
+        raise InputError(f"{name}: its vocabulary {''.join(checkpoint['vocab'])!r} differs from this "
+                         f"code's {''.join(VOCAB)!r}; use the code that wrote it")
+    return checkpoint
+
+
+def build_from_checkpoint(path):
+    """(the model a checkpoint holds, the checkpoint), on the CPU, or InputError."""
+    checkpoint = load_checkpoint(path)
+    try:
+        model = CTCModel(ModelConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path}: its model does not fit this code's ({str(e).strip().splitlines()[0]}); "
+                         f"use the code that wrote it") from None
+    return model, checkpoint
+
+
+def check_resumable(checkpoint, path, model, run_dir, world_size):
+    """Refuse a resume that could not continue the same run: weights or optimizer state that do not
+    fit the model its flags build, another number of processes, a finished run, or a rewind of
+    run_dir to before its last.pt."""
+    try:
+        if checkpoint["model_config"] != asdict(model.config):
+            raise ValueError("its model shape differs from the flags it was saved with")
+        model.load_state_dict(checkpoint["model"])
+        torch.optim.AdamW(model.parameters()).load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"--resume {path}: its weights or optimizer state do not fit this code's model "
+                         f"({str(e).strip().splitlines()[0]}); use the code that wrote it, or start a "
+                         f"new run") from None
+    saved_size, epochs = checkpoint["world_size"], checkpoint["train_config"]["epochs"]
+    if world_size != saved_size:  # the steps per epoch, the schedule and the batch order would change
+        raise InputError(f"--resume {path}: the run trained in {saved_size} processes, this is {world_size}. "
+                         f"Continue it as it started:\n  {resume_command(path, saved_size)}")
+    if checkpoint["epoch"] >= epochs:  # more epochs would be another learning-rate schedule
+        raise InputError(f"--resume {path}: that run finished its {epochs} epochs at step "
+                         f"{checkpoint['step']}; there is nothing to continue. To train longer, start a "
+                         f"new run.")
+    last = path.parent / "last.pt"
+    if run_dir.resolve() == path.parent.resolve() and path.name != "last.pt" and last.exists():
+        last_step = torch.load(last, map_location="cpu", weights_only=True)["step"]
+        if last_step > checkpoint["step"]:  # continuing here would overwrite the later work
+            raise InputError(f"--resume {path} (step {checkpoint['step']}) would rewind the run in "
+                             f"{run_dir}, whose last.pt is at step {last_step}. Continue it with\n  "
+                             f"{resume_command(last, saved_size)}\nor branch from step {checkpoint['step']} "
+                             f"into a new folder:\n  {resume_command(path, saved_size)} --run-dir NEW_FOLDER")
+
+
+# -------------------------------------------------------------------------- training state
+def training_set_id(train_set):
+    """What a resume must find again: the same utterances, so the same epochs and batch order."""
+    ids = hashlib.sha1("\n".join(u["id"] for u in train_set).encode()).hexdigest()[:16]
+    return {"utterances": len(train_set), "ids_sha1": ids,
+            "seconds": round(sum(u["seconds"] for u in train_set), 2)}
+
+
+def check_same_training_set(checkpoint, path, train_set_id):
+    if checkpoint["train_set"] != train_set_id:
+        raise InputError(f"--resume {path}: the training data changed ({train_set_id} now, "
+                         f"{checkpoint['train_set']} then), and with it the epochs, schedule and batch "
+                         f"order. Restore it, or start a new run.")
+
+
+def save_training_state(path, model, average, optimizer, progress, args, world_size, train_set_id):
+    """A checkpoint: the model to evaluate and decode ("model": the moving average where there is one)
+    and all a resume continues from: "trained_model" (what AdamW trains), optimizer, progress, flags."""
+    step, epoch, batch_in_epoch, (best_wer, best_cer) = progress
+    save_checkpoint({
+        **model_checkpoint(average or model, VOCAB), "train_config": vars(args),
+        **({"trained_model": model.state_dict()} if average else {}),
+        "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "best_wer": best_wer, "best_cer": best_cer, "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+        "world_size": world_size, "train_set": train_set_id}, path)
+
+
+def restore_training_state(checkpoint, model, average, optimizer, device):
+    """Put a checked checkpoint's weights, average, optimizer and random state back; returns its
+    progress: (step, epoch, batch in epoch, (best dev WER, its CER))."""
+    model.load_state_dict(checkpoint["trained_model"] if average else checkpoint["model"])
+    if average:
+        average.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng_cpu"])
+    if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+    return (checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
+            (checkpoint["best_wer"], checkpoint["best_cer"]))
