@@ -274,9 +274,9 @@ def inspect(model, dev_paths, samples=2):
                batch["target_lengths"], blank=data.BLANK, zero_infinity=True).backward()
     norms = train.gradient_norms_by_block(model)
     model.zero_grad()
-    letters = lambda texts: ["".join(c for c in t if c.isalpha()) for t in texts]
     wer, _ = train.decode.error_rates(refs, hyps)
-    _, letter_cer = train.decode.error_rates(letters(refs), letters(hyps))
+    _, letter_cer = train.decode.error_rates(*(["".join(filter(str.isalpha, t)) for t in texts]
+                                               for texts in (refs, hyps)))
     n, total, squares = sums.T
     std = ((squares - total ** 2 / n) / n).clamp(min=0).sqrt()
     by_letters = sorted(utterances, key=lambda u: (-sum(map(str.isalpha, u["text"])), u["id"]))

@@ -102,7 +102,7 @@ def encode(text):
 
 
 # ---------------------------------------------------------------------------------- corpus
-def _files_under(root, skip):
+def files_under(root, skip):
     """Every file under root, sorted, following links to folders (each real folder once, so a
     link to an ancestor cannot loop); a folder that cannot be read is passed to skip."""
     seen = set()
@@ -218,7 +218,7 @@ def read_corpus(paths, log=print):
             raise InputError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
         if path.suffix.lower() in AUDIO_SUFFIXES:
             raise InputError(f"{path} is an audio file, not a corpus. Expected {LAYOUTS}.")
-        files = list(_files_under(path, skip)) if path.is_dir() else []
+        files = list(files_under(path, skip)) if path.is_dir() else []
         items = _read_librispeech(files, skip) if path.is_dir() else _read_manifest(path)
         if not items:
             raise InputError(f"{path}: no transcripts found. Expected {LAYOUTS}.")

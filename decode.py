@@ -57,7 +57,7 @@ def greedy_spans(log_probs, out_lengths):
         first = starts[:length].nonzero()[:, 0]
         last = torch.cat([first[1:], torch.tensor([length])]) - 1
         symbols = row[first].tolist()
-        spans.append([(data.VOCAB[s], f, l) for s, f, l in zip(symbols, first.tolist(), last.tolist())
+        spans.append([(data.VOCAB[s], f, e) for s, f, e in zip(symbols, first.tolist(), last.tolist())
                       if s != data.BLANK])
     return spans
 

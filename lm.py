@@ -21,14 +21,19 @@ from pathlib import Path
 
 import download
 from download import DownloadError
-from data import normalize, write_atomically
+from data import files_under, normalize, write_atomically
+
+
+def unreadable_folder(reason, folder):
+    raise DownloadError(f"{folder}: {reason}")
+
 
 def read_sentences(paths):
     """Word lists from LibriSpeech-layout folders (.trans.txt), TSV manifests (the transcript
     column) and plain text files (a sentence per line), normalized as the model spells them."""
     for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(path.rglob("*.trans.txt"))
+        if path.is_dir():  # linked speaker folders are followed, as train.py follows them
+            files = [f for f in files_under(path, skip=unreadable_folder) if f.name.endswith(".trans.txt")]
             if not files:
                 raise DownloadError(f"{path}: no .trans.txt files under this folder")
         elif path.is_file():
@@ -99,7 +104,9 @@ def kneser_ney(sentences, order):
 def write_arpa(model, path):
     """The model as an ARPA file (tab-separated fields, as KenLM requires) and, beside it,
     the lexicon: each word and its spelling, a line each."""
-    log10 = lambda x: f"{math.log10(x):.6f}" if x > 0 else "-99"
+    def log10(x):
+        return f"{math.log10(x):.6f}" if x > 0 else "-99"
+
     lines = ["", "\\data\\"] + [f"ngram {n}={len(grams)}" for n, grams in enumerate(model, 1)]
     for n, grams in enumerate(model, 1):
         lines += ["", f"\\{n}-grams:"]

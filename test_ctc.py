@@ -430,6 +430,19 @@ def test_the_moving_average_is_what_is_evaluated_saved_and_decoded(tmp_path):
     assert logged[-1]["dev_wer"] == pytest.approx(decode.error_rates(refs, hyps)[0])
 
 
+def test_best_pt_has_the_best_dev_wer_and_a_tie_goes_to_the_better_cer(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
+    # Scripted dev scores (WER, CER) for the evaluations, then worse ones.
+    scores = iter([(60.0, 30.0), (50.0, 30.0), (50.0, 20.0), (50.0, 25.0), (55.0, 10.0)])
+    monkeypatch.setattr(decode, "error_rates", lambda refs, hyps: next(scores, (90.0, 90.0)))
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "3", "--eval-every", "1"))
+    evaluations = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in evaluations if "dev_wer" in r]
+    assert len(evaluations) >= 5
+    best = torch.load(tmp_path / "run/best.pt", weights_only=True)
+    assert (best["step"], best["best_wer"], best["best_cer"]) == (evaluations[2]["step"], 50.0, 20.0)
+
+
 def test_train_and_decode_end_to_end_as_the_user_runs_them(tmp_path):
     train_dir, dev_dir = make_corpus(tmp_path, 30, 5)
     result = run_script("train.py", *train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1",
@@ -647,6 +660,7 @@ def test_text_files_linked_folders_and_unreadable_folders(tmp_path, monkeypatch)
     (tmp_path / "corpus/7").symlink_to(tmp_path / "real/7/7")      # linked speaker folders are read
     (tmp_path / "corpus/8").symlink_to(tmp_path / "real/8/8")
     (tmp_path / "real/7/7/198/loop").symlink_to(tmp_path / "corpus")  # and a loop is not followed
+    assert sorted(" ".join(words) for words in lm.read_sentences([tmp_path / "corpus"])) == ["abc", "de", "fg"]
     real_scandir, log = os.scandir, []
 
     def scandir(path="."):
@@ -1313,11 +1327,12 @@ def test_resume_refuses_changed_data_another_world_size_and_finds_relative_paths
     assert "trained in 1 processes, this is 2" in str(size.value) and "python train.py --resume" in str(size.value)
     monkeypatch.setenv("WORLD_SIZE", "1")
     write_librispeech(train_dir, ["abc"], speaker=7)  # one utterance more
-    metrics = (tmp_path / "run/metrics.jsonl").read_bytes()
+    folder = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()}
     with pytest.raises(InputError) as changed:
         train.train(["--resume", str(tmp_path / "run/last.pt")])
     assert "training data changed" in str(changed.value) and "'utterances': 13" in str(changed.value)
-    assert (tmp_path / "run/metrics.jsonl").read_bytes() == metrics
+    # Refused before the run folder is touched: not even train.lock is written.
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()} == folder
     (train_dir / "7").rename(tmp_path / "moved")  # the data as it was: the run continues
     assert train.train(["--resume", str(tmp_path / "run/last.pt"), "--max-minutes", "1e-9"]) is not None
     assert runs.resume_command(Path("r/last.pt"), 4) == "torchrun --nnodes=1 --nproc_per_node=4 " \
