@@ -17,6 +17,8 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import secrets
 import shlex
 import socket
 import time
@@ -31,7 +33,7 @@ from model import CTCModel, ModelConfig
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 MODEL_KEYS = ("model_config", "model", "vocab")       # what rebuilds the model
 RESUME_KEYS = MODEL_KEYS + ("train_config", "optimizer", "step", "epoch", "batch_in_epoch", "best_wer",
-                            "best_cer", "rng_cpu", "rng_cuda", "world_size", "train_set")
+                            "best_cer", "rng_cpu", "rng_cuda", "world_size", "run_id", "train_set", "dev_set")
 
 
 def resume_command(checkpoint, world_size):
@@ -144,8 +146,12 @@ def load_checkpoint(path, keys=MODEL_KEYS, name=None):
             f"there: use that" if path.name == "best.pt" and last.exists() else "") + (
             f"; {path.parent} holds no checkpoint: its run stopped before its first save"
             if path.name == "last.pt" and path.parent.is_dir() else "")) from None
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never, for a file of unknown origin
+        raise InputError(f"{name}: not a checkpoint written by train.py (it holds more than tensors and "
+                         f"plain types, or is not a PyTorch file)") from None
     except Exception as e:  # a truncated or foreign file fails in many ways
-        raise InputError(f"{name}: not a readable train.py checkpoint ({type(e).__name__}: {e})") from None
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"{name}: not a readable train.py checkpoint ({type(e).__name__}: {reason})") from None
     if checkpoint["vocab"] != VOCAB:
         raise InputError(f"{name}: its vocabulary {''.join(checkpoint['vocab'])!r} differs from this "
                          f"code's {''.join(VOCAB)!r}; use the code that wrote it")
@@ -155,6 +161,11 @@ def load_checkpoint(path, keys=MODEL_KEYS, name=None):
 def build_from_checkpoint(path):
     """(the model a checkpoint holds, the checkpoint), on the CPU, or InputError."""
     checkpoint = load_checkpoint(path)
+    extra = sorted(set(checkpoint["model_config"]) - set(asdict(ModelConfig())))
+    if "features" in extra:  # ablation.AblationConfig's own fields
+        raise InputError(f"{path}: the checkpoint of an ablation.py row, whose model ({', '.join(extra)}) "
+                         f"this code does not build: its weights load into ablation.build(<row>)[0], as "
+                         f"ablation.py's docstring shows")
     try:
         model = CTCModel(ModelConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
@@ -185,34 +196,64 @@ def check_resumable(checkpoint, path, model, run_dir, world_size):
         raise InputError(f"--resume {path}: that run finished its {epochs} epochs at step "
                          f"{checkpoint['step']}; there is nothing to continue. To train longer, start a "
                          f"new run.")
-    last = path.parent / "last.pt"
-    if run_dir.resolve() == path.parent.resolve() and path.name != "last.pt" and last.exists():
-        last_step = torch.load(last, map_location="cpu", weights_only=True)["step"]
-        if last_step > checkpoint["step"]:  # continuing here would overwrite the later work
-            raise InputError(f"--resume {path} (step {checkpoint['step']}) would rewind the run in "
-                             f"{run_dir}, whose last.pt is at step {last_step}. Continue it with\n  "
-                             f"{resume_command(last, saved_size)}\nor branch from step {checkpoint['step']} "
-                             f"into a new folder:\n  {resume_command(path, saved_size)} --run-dir NEW_FOLDER")
+    held = next((run_dir / name for name in ("last.pt", "best.pt") if (run_dir / name).exists()), None)
+    if held and held.resolve() != path.resolve() and run_dir.resolve() == path.parent.resolve():
+        check_same_run(checkpoint, path, held, saved_size)
+
+
+def check_same_run(checkpoint, path, held, world_size):
+    """Refuse to continue in held's folder a checkpoint of another run, or one from before held's step:
+    either would overwrite that run's checkpoints and mix its metrics.jsonl."""
+    branch = (f"branch from step {checkpoint['step']} into a new folder:\n  "
+              f"{resume_command(path, world_size)} --run-dir NEW_FOLDER")
+    try:
+        run = load_checkpoint(held, ("run_id", "step", "epoch", "train_config"))
+    except InputError as e:
+        raise InputError(f"{e}. --resume {path} would continue that folder's run over it: move the damaged "
+                         f"file out of the way first, or {branch}") from None
+    if run["run_id"] != checkpoint["run_id"]:
+        raise InputError(f"--resume {path} is a checkpoint of another run than the one in {held.parent} "
+                         f"(run {checkpoint['run_id']}; {held.name} there is of run {run['run_id']}): "
+                         f"continuing it there would mix the two. Continue it in a folder of its own, or "
+                         f"{branch}")
+    if run["step"] > checkpoint["step"]:  # continuing here would overwrite the later work
+        later = (f"whose {held.name} finished the run at step {run['step']}. To go on from step "
+                 f"{checkpoint['step']}, "
+                 if run["epoch"] >= run["train_config"]["epochs"] else
+                 f"whose {held.name} is at step {run['step']}. Continue it with\n  "
+                 f"{resume_command(held, world_size)}\nor ")
+        raise InputError(f"--resume {path} (step {checkpoint['step']}) would rewind the run in "
+                         f"{held.parent}, {later}{branch}")
 
 
 # -------------------------------------------------------------------------- training state
-def training_set_id(train_set):
-    """What a resume must find again: the same utterances, so the same epochs and batch order."""
-    ids = hashlib.sha1("\n".join(u["id"] for u in train_set).encode()).hexdigest()[:16]
-    return {"utterances": len(train_set), "ids_sha1": ids,
-            "seconds": round(sum(u["seconds"] for u in train_set), 2)}
+def new_run_id():
+    """A run's identity, kept by its resumes in its folder: a checkpoint continues only its own run."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
-def check_same_training_set(checkpoint, path, train_set_id):
-    if checkpoint["train_set"] != train_set_id:
-        raise InputError(f"--resume {path}: the training data changed ({train_set_id} now, "
-                         f"{checkpoint['train_set']} then), and with it the epochs, schedule and batch "
-                         f"order. Restore it, or start a new run.")
+def corpus_id(utterances):
+    """What a resume must find again: the same utterances and transcripts (so the same epochs, batch
+    order and dev scores), wherever the corpus now lives."""
+    lines = "\n".join(f"{u['id']}\t{u['text']}" for u in utterances)
+    return {"utterances": len(utterances), "sha1": hashlib.sha1(lines.encode()).hexdigest()[:16],
+            "seconds": round(sum(u["seconds"] for u in utterances), 2)}
 
 
-def save_training_state(path, model, average, optimizer, progress, args, world_size, train_set_id):
+def check_same_data(checkpoint, path, identity):
+    """Refuse a resume whose training or dev set is not the run's (ids, transcripts or durations)."""
+    for key, flag, what in (("train_set", "--data", "the epochs, schedule and batch order"),
+                            ("dev_set", "--dev", "the dev scores that chose best.pt")):
+        if checkpoint[key] != identity[key]:
+            raise InputError(f"--resume {path}: the {'training' if key == 'train_set' else 'dev'} data "
+                             f"({flag}) changed ({identity[key]} now, {checkpoint[key]} then), and with it "
+                             f"{what}. Restore it, or start a new run.")
+
+
+def save_training_state(path, model, average, optimizer, progress, args, world_size, identity):
     """A checkpoint: the model to evaluate and decode ("model": the moving average where there is one)
-    and all a resume continues from: "trained_model" (what AdamW trains), optimizer, progress, flags."""
+    and all a resume continues from: "trained_model" (what AdamW trains), optimizer, progress, flags;
+    identity: {"run_id", "train_set", "dev_set"}."""
     step, epoch, batch_in_epoch, (best_wer, best_cer) = progress
     save_checkpoint({
         **model_checkpoint(average or model, VOCAB), "train_config": vars(args),
@@ -220,7 +261,7 @@ def save_training_state(path, model, average, optimizer, progress, args, world_s
         "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
         "best_wer": best_wer, "best_cer": best_cer, "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-        "world_size": world_size, "train_set": train_set_id}, path)
+        "world_size": world_size, **identity}, path)
 
 
 def restore_training_state(checkpoint, model, average, optimizer, device):

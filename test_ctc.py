@@ -386,7 +386,8 @@ def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_pa
     train.train(train_flags(train_dir, dev_dir, tmp_path / "straight", *flags))
     straight, trace[:] = list(trace), []
     interrupt_at = 5
-    train.train(train_flags(train_dir, dev_dir, tmp_path / "split", *flags))
+    with pytest.raises(train.Stopped):  # not a finished run: a caller such as ablation.py must know
+        train.train(train_flags(train_dir, dev_dir, tmp_path / "split", *flags))
     stopped = torch.load(tmp_path / "split/last.pt", weights_only=True)
     assert stopped["step"] == 6 and stopped["epoch"] == 0
     interrupt_at = None
@@ -703,7 +704,8 @@ def test_a_stop_on_an_evaluation_step_still_evaluates(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_lr(step, total, args)
     monkeypatch.setattr(train, "learning_rate", interrupt_during_step_3)
-    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "5", "--eval-every", "3"))
+    with pytest.raises(train.Stopped):
+        train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "5", "--eval-every", "3"))
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "dev_cer" in r] == [3]
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 3
@@ -760,7 +762,7 @@ def test_ctrl_c_saves_last_checkpoint_and_prints_the_resume_command(tmp_path):
             break
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    assert process.returncode == 128 + signal.SIGINT, err  # stopped, not finished: as the shell reports Ctrl-C
     assert "python train.py --resume" in out and str(tmp_path / "run/last.pt") in out
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] >= 2
 
@@ -1322,15 +1324,16 @@ def test_resume_refuses_changed_data_another_world_size_and_finds_relative_paths
                            "--epochs", "2", "--eval-every", "100", "--max-minutes", "1e-9"))
     monkeypatch.chdir(HERE)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")  # as torchrun sets them
     with pytest.raises(InputError) as size:
         train.train(["--resume", str(tmp_path / "run/last.pt")])
     assert "trained in 1 processes, this is 2" in str(size.value) and "python train.py --resume" in str(size.value)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK")  # a WORLD_SIZE left exported in the shell: not torchrun, one process
     write_librispeech(train_dir, ["abc"], speaker=7)  # one utterance more
     folder = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()}
     with pytest.raises(InputError) as changed:
         train.train(["--resume", str(tmp_path / "run/last.pt")])
-    assert "training data changed" in str(changed.value) and "'utterances': 13" in str(changed.value)
+    assert "training data (--data) changed" in str(changed.value) and "'utterances': 13" in str(changed.value)
     # Refused before the run folder is touched: not even train.lock is written.
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()} == folder
     (train_dir / "7").rename(tmp_path / "moved")  # the data as it was: the run continues
@@ -1543,3 +1546,99 @@ def test_decode_timestamps_are_json_lines_in_input_order_for_a_single_file_too(t
         assert all(0 <= w["start"] < w["end"] <= 2.0 for w in line["words"])
     one = run_script("decode.py", tmp_path / "m.pt", tmp_path / "short.wav", "--timestamps", "--workers", "0")
     assert one.returncode == 0 and json.loads(one.stdout)["id"] == "short"
+
+
+def test_a_checkpoint_continues_only_its_own_run_and_a_damaged_last_pt_is_named(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 12, 2)
+    one_step = ["--epochs", "2", "--eval-every", "100", "--max-minutes", "1e-9"]
+    for name in ("a", "b"):
+        train.train(train_flags(train_dir, dev_dir, tmp_path / name, *one_step))
+    run = tmp_path / "a"
+    (run / "early.pt").write_bytes((run / "last.pt").read_bytes())
+    (run / "foreign.pt").write_bytes((tmp_path / "b/last.pt").read_bytes())
+    before = {p: p.read_bytes() for p in run.iterdir() if p.suffix != ".lock"}
+    with pytest.raises(InputError) as foreign:  # B's checkpoint at A's step: the step alone cannot tell
+        train.train(["--resume", str(run / "foreign.pt")])
+    assert "another run" in str(foreign.value) and "--run-dir NEW_FOLDER" in str(foreign.value)
+    (run / "last.pt").write_bytes(before[run / "last.pt"][:1000])  # damaged
+    with pytest.raises(InputError) as damaged:
+        train.train(["--resume", str(run / "early.pt")])
+    assert f"{run / 'last.pt'}: not a readable" in str(damaged.value) and "out of the way" in str(damaged.value)
+    (run / "last.pt").write_bytes(before[run / "last.pt"])
+    assert {p: p.read_bytes() for p in run.iterdir() if p.suffix != ".lock"} == before
+    train.train(["--resume", str(run / "last.pt"), "--max-minutes", "60"])  # to the end of the run
+    with pytest.raises(InputError) as finished:  # a rewind of a finished run: only a branch makes sense
+        train.train(["--resume", str(run / "early.pt")])
+    assert "finished the run at step 6" in str(finished.value) and "Continue it" not in str(finished.value)
+    assert "--run-dir NEW_FOLDER" in str(finished.value)
+
+
+def test_resume_checks_transcripts_and_follows_a_moved_corpus(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 12, 2)
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100",
+                            "--max-minutes", "1e-9"))
+    resume = ["--resume", str(tmp_path / "run/last.pt"), "--max-minutes", "1e-9"]
+    trans = next(train_dir.rglob("*.trans.txt"))
+    original = trans.read_text()
+    trans.write_text(original.replace(original.split()[1], "JJJ", 1))  # same ids and audio, a new text
+    with pytest.raises(InputError) as edited:
+        train.train(resume)
+    assert "training data (--data) changed" in str(edited.value)
+    trans.write_text(original)
+    train_dir.rename(tmp_path / "moved-train")
+    with pytest.raises(InputError) as moved:
+        train.train(resume)
+    assert "no such file" in str(moved.value) and "If they moved" in str(moved.value)
+    with pytest.raises(InputError) as other:  # another corpus at the new place is refused
+        train.train(resume + ["--data", str(dev_dir)])
+    assert "changed" in str(other.value)
+    train.train(resume + ["--data", str(tmp_path / "moved-train")])
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 2
+
+
+def test_resume_refuses_a_checkpoint_of_an_older_train_py_or_a_foreign_pickle(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100",
+                            "--max-minutes", "1e-9"))
+    old = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    del old["train_config"]["max_minutes"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(InputError) as older:
+        train.train(["--resume", str(tmp_path / "old.pt"), "--run-dir", str(tmp_path / "branch")])
+    assert "older train.py, before --max-minutes existed" in str(older.value)
+    assert not (tmp_path / "branch").exists()
+    torch.save({"config": argparse.Namespace(lr=1)}, tmp_path / "pickle.pt")  # runs code when unpickled
+    for command in (lambda: train.train(["--resume", str(tmp_path / "pickle.pt")]),
+                    lambda: runs.build_from_checkpoint(tmp_path / "pickle.pt")):
+        with pytest.raises(InputError) as foreign:
+            command()
+        assert "not a checkpoint written by train.py" in str(foreign.value)
+        assert "weights_only=False" not in str(foreign.value)
+
+
+def test_a_time_limit_on_the_last_step_finishes_the_run_and_a_raising_loop_gives_signals_back(
+        tmp_path, monkeypatch, capsys):
+    train_dir, dev_dir = make_corpus(tmp_path, 4, 2)  # 4 short utterances: one step per epoch
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--max-minutes", "1e-9"))
+    assert "Continue with" not in capsys.readouterr().out
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(InputError, match="finished its 1 epochs"):
+        train.train(["--resume", str(tmp_path / "run/last.pt")])
+
+    def broken_forward(*args):
+        raise RuntimeError("a mistake inside the loop")
+    monkeypatch.setattr(train, "forward", broken_forward)
+    with pytest.raises(RuntimeError):
+        train.train(train_flags(train_dir, dev_dir, tmp_path / "raised", "--epochs", "1"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_dev_set_of_only_unusable_files_is_refused_not_scored_zero(tmp_path):
+    train_dir, dev_dir = make_corpus(tmp_path, 8, 2)
+    for flac in dev_dir.rglob("*.flac"):
+        soundfile.write(flac, np.zeros(16000, np.float32), data.SAMPLE_RATE)  # digital silence
+    with pytest.raises(InputError) as nothing:
+        train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "1"))
+    assert "none of its utterances could be scored" in str(nothing.value)
+    assert not (tmp_path / "run/best.pt").exists()

@@ -38,8 +38,10 @@ from model import FRAMES_PER_SECOND, CTCModel, ModelConfig, lengths_mask
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
 CONVERGED_CER = 1.0          # a dev CER (%) at or below this is a finished run, not a stuck one
-# Flags that change where and how often, not what, a run computes: --resume may change them.
-RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every", "max_minutes")
+# Flags that change where and how often, not what, a run computes: --resume may change them. --data and
+# --dev may name where the run's corpora now live: a resume checks that they hold the same utterances.
+RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every", "max_minutes",
+                     "data", "dev")
 CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-steps); features not "
           "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
           "vocabulary without space or apostrophe; too little data for the model. Check with "
@@ -108,6 +110,17 @@ def as_flag(name):
     return "--" + name.replace("_", "-")
 
 
+def launched_world_size():
+    """The number of training processes: torchrun's WORLD_SIZE, or 1 for a plain `python train.py`."""
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised by train() after Ctrl-C or SIGTERM stopped the loop and last.pt was saved: the run is
+    not finished. A KeyboardInterrupt, so that a caller's `except Exception` does not take it for a
+    result."""
+
+
 def learning_rate(step, total_steps, args):
     """Linear warmup from 0 to --lr, then cosine decay to --lr / 100 at the last step."""
     if step < args.warmup_steps:
@@ -127,25 +140,29 @@ def resolve_args(argv, log):
     started with, and a flag typed now that would change them is refused, whatever its value.
     Everything a resume will load is checked here, before the run folder is touched."""
     args = build_parser().parse_args(argv)
+    # Saved absolute, so that a resume from another working directory finds the corpora.
+    args.data, args.dev = ([str(Path(p).absolute()) for p in ps] if ps else ps for ps in (args.data, args.dev))
     if not args.resume:
         if not args.data or not (args.dev or args.overfit):
             raise InputError("--data and --dev are required (or --resume a run)")
-        # Saved absolute, so that a resume from another working directory finds the corpora.
-        args.data, args.dev = ([str(Path(p).absolute()) for p in ps or []] for ps in (args.data, args.dev))
+        args.dev = args.dev or []
         return args, None
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
     checkpoint = runs.load_checkpoint(path, runs.RESUME_KEYS, name=f"--resume {path}")
-    given = {k: v for k, v in typed_flags(argv).items() if k != "resume"}
+    given = {k: getattr(args, k) for k in typed_flags(argv) if k != "resume"}
     refused = [as_flag(k) for k in given if k not in RESUME_MAY_CHANGE + ("run_dir",)]
     if refused:  # silently ignoring them would train something other than what was asked
         raise InputError(f"--resume continues {path} with the flags it was started with; {' '.join(refused)} "
                          f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
                          f"Drop them, or start a new run with a new --run-dir.")
+    unknown = [as_flag(k) for k in vars(build_parser().parse_args([])) if k not in checkpoint["train_config"]]
+    if unknown:  # train.py has gained flags since: their defaults need not be what that run did
+        raise InputError(f"--resume {path}: written by an older train.py, before {' '.join(unknown)} existed; "
+                         f"continue it with the code that wrote it, or start a new run")
     saved = argparse.Namespace(**checkpoint["train_config"])
     run_dir = Path(given.get("run_dir") or path.parent)
-    runs.check_resumable(checkpoint, path, CTCModel(model_config(saved)), run_dir,
-                         int(os.environ.get("WORLD_SIZE", 1)))
+    runs.check_resumable(checkpoint, path, CTCModel(model_config(saved)), run_dir, launched_world_size())
     args = argparse.Namespace(**{**vars(saved), **given, "resume": str(path), "run_dir": str(run_dir)})
     try:
         data.device(args.device)
@@ -161,7 +178,7 @@ def setup_device(args, cleanup):
     if "RANK" not in os.environ:  # not started by torchrun
         device, rank, world_size = torch.device(args.device), 0, 1
     else:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, world_size = int(os.environ["RANK"]), launched_world_size()
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if args.device == "cuda" else "cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -173,7 +190,19 @@ def setup_device(args, cleanup):
 
 
 def read_data(args, model, log):
-    """(training utterances, dev utterances); InputError naming the data if it is unusable."""
+    """(training utterances, dev utterances); InputError naming the data if it is unusable. A resumed
+    run's corpora must hold what they held: the same ids, transcripts and durations."""
+    try:
+        return read_corpora(args, model, log)
+    except InputError as e:
+        if not args.resume:
+            raise
+        raise InputError(f"{e}\nThe run in {args.resume} reads --data {' '.join(args.data)} --dev "
+                         f"{' '.join(args.dev)}. If they moved, resume with --data and --dev naming where "
+                         f"they are now (checked to be the same utterances).") from None
+
+
+def read_corpora(args, model, log):
     train_set = data.filter_trainable(data.read_corpus(args.data, log), args.max_seconds,
                                       model.output_lengths, log)
     train_set = train_set[:args.overfit] if args.overfit else train_set
@@ -226,6 +255,9 @@ class Evaluation:
         """Score model on dev; returns the metrics record."""
         started = time.time()
         refs, hyps = decode.greedy_corpus(model, self.dev_loader, self.device, self.bf16)
+        if not refs:  # a WER of nothing would read as 0.00% and freeze best.pt
+            raise InputError(f"--dev {' '.join(self.args.dev)}: none of its utterances could be scored, "
+                             f"each file was skipped (the warnings above say why); fix or replace the dev set")
         (wer, cer), seconds = decode.error_rates(refs, hyps), time.time() - started
         self.cer_history.append(cer)
         self.seconds += seconds
@@ -434,17 +466,17 @@ def train(argv=None, model=None):
         torch.manual_seed(args.seed)
         model = (model or CTCModel(model_config(args))).to(device)
         train_set, dev_set = read_data(args, model, log)
-        train_set_id = runs.training_set_id(train_set)
+        identity = {"run_id": checkpoint["run_id"] if here else runs.new_run_id(),  # a branch is a new run
+                    "train_set": runs.corpus_id(train_set), "dev_set": runs.corpus_id(dev_set)}
         if checkpoint:
-            runs.check_same_training_set(checkpoint, args.resume, train_set_id)
+            runs.check_same_data(checkpoint, args.resume, identity)
         if master:
             cleanup.enter_context(runs.claim_run_dir(args, here))
         loaders = build_loaders(args, train_set, dev_set, rank, world_size, pin_memory=device.type == "cuda")
-        return train_loop(args, checkpoint, model, loaders, train_set_id, device, world_size, bf16, log,
-                          cleanup)
+        return train_loop(args, checkpoint, model, loaders, identity, device, world_size, bf16, log, cleanup)
 
 
-def train_loop(args, checkpoint, model, loaders, train_set_id, device, world_size, bf16, log, cleanup):
+def train_loop(args, checkpoint, model, loaders, identity, device, world_size, bf16, log, cleanup):
     """The run after its flags, data and folder are settled: optimizer, the loop, the end."""
     master, distributed = int(os.environ.get("RANK", 0)) == 0, world_size > 1
     run_dir = Path(args.run_dir or ".")
@@ -467,7 +499,7 @@ def train_loop(args, checkpoint, model, loaders, train_set_id, device, world_siz
     def save(name):
         progress = (step, epoch, batch_in_epoch, best)
         runs.save_training_state(run_dir / name, model, average, optimizer, progress, args, world_size,
-                                 train_set_id)
+                                 identity)
 
     def log_progress(lr):
         eta = (time.time() - run_start) / max(1, step - start_step) * (total_steps - step)
@@ -526,18 +558,21 @@ def train_loop(args, checkpoint, model, loaders, train_set_id, device, world_siz
                 if not (stop or over_time):  # another rank was stopped
                     stop.append(signal.SIGTERM)
                 break
-        else:
+        if batch_in_epoch == len(sampler):  # also when stopped on its last batch: a resume starts the next
             epoch, batch_in_epoch = epoch + 1, 0
 
     # ---- the end
+    finished = epoch >= args.epochs
     if master:
-        if not stop and step % args.eval_every:  # the last step was not just scored
+        if (finished or not stop) and step % args.eval_every:  # the last step was not just scored
             evaluate_and_keep_best("final")
         save("last.pt")
-        if stop or over_time:
+        if not finished:
             why = f"stopped by signal {stop[0]}" if stop else f"--max-minutes {args.max_minutes} reached"
             log(f"{why} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
                 f"  {runs.resume_command(run_dir / 'last.pt', world_size)}")
+    if stop and not finished:
+        raise Stopped(stop[0])
     return average or model
 
 
@@ -553,6 +588,8 @@ def main(argv=None):
         train(argv)
     except InputError as e:
         sys.exit(f"error: {e}")
+    except Stopped as e:  # last.pt is saved and the resume command printed
+        sys.exit(128 + e.args[0])
     except KeyboardInterrupt:  # the loop turns Ctrl-C into a stop; before it starts there is nothing to save
         sys.exit("error: interrupted while starting, before the first step: nothing was trained or saved")
 
