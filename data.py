@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import unicodedata
 from pathlib import Path
@@ -32,6 +33,11 @@ BLANK = 0                                                   # CTCLoss(blank=0)
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
 AUDIO_SUFFIXES = (".flac", ".wav")  # the one rule everywhere: these are audio, any other file a manifest
 TOO_SHORT = f"shorter than one analysis window ({1000 * WINDOW // SAMPLE_RATE} ms)"
+# Below this RMS a recording holds no speech: per-utterance normalization would lift its noise floor
+# (16-bit dither is at -98 dBFS) to the level of speech, and the model would read words into it. The
+# quietest of AN4's 1,078 recordings is at -48 dBFS, of Mini LibriSpeech's 1,519 at -40 (RESULTS.md).
+SILENCE_DBFS = -70.0
+SILENT = f"silent (below {SILENCE_DBFS:.0f} dBFS)"
 LAYOUTS = ("a LibriSpeech-layout directory (<speaker>/<chapter>/<speaker>-<chapter>.trans.txt "
            "beside the .flac files) or a TSV manifest (audio path<TAB>transcript)")
 # Characters that separate words in running text become spaces rather than vanishing.
@@ -148,6 +154,17 @@ def _read_librispeech(files, skip):
     return items
 
 
+def transcript_lines(path, skip):
+    """(utterance id, audio path, raw transcript) for every transcript line of a corpus (a folder or
+    a manifest) and, in a folder, for every audio file that no line names (transcript None)."""
+    if not path.is_dir():
+        return _read_manifest(path)
+    files = list(files_under(path, skip))
+    items = _read_librispeech(files, skip)
+    listed = {audio for _, audio, _ in items}
+    return items + [(f.stem, f, None) for f in files if f.suffix.lower() in AUDIO_SUFFIXES and f not in listed]
+
+
 def _read_manifest(path):
     items = []
     try:
@@ -181,7 +198,13 @@ def audio_info(paths):
     cache = cache if isinstance(cache, dict) else {}  # valid JSON of another shape: rebuilt
     info, changed = {}, False
     for p in paths:
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):  # missing, or a pipe that would block the read
+            info[p] = None
+            continue
         stamp = [st.st_size, st.st_mtime_ns]
         entry = cache.get(str(p))
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp
@@ -202,6 +225,23 @@ def audio_info(paths):
     return info
 
 
+def label_problem(raw, text):
+    """Why a transcript (raw, and normalized: text) can be neither a training label nor a reference
+    to score, or None."""
+    if any(c.isdigit() for c in raw):  # dropping them would leave a label the audio does not say
+        return "transcript holds digits (spell numbers out)"
+    return None if text else "empty transcript"
+
+
+def header_problem(header):
+    """Why audio with this audio_info() entry cannot be used, or None."""
+    if header is None:
+        return "not readable as audio"
+    if header[0] == 0:
+        return "zero-length audio"
+    return TOO_SHORT if header[0] / header[1] < WINDOW / SAMPLE_RATE else None
+
+
 def read_corpus(paths, log=print):
     """Read corpora into a list of dicts {id, path, text, seconds}; log what was skipped and why.
     Raises InputError naming the path when one holds no usable transcripts."""
@@ -218,35 +258,25 @@ def read_corpus(paths, log=print):
             raise InputError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
         if path.suffix.lower() in AUDIO_SUFFIXES:
             raise InputError(f"{path} is an audio file, not a corpus. Expected {LAYOUTS}.")
-        files = list(files_under(path, skip)) if path.is_dir() else []
-        items = _read_librispeech(files, skip) if path.is_dir() else _read_manifest(path)
-        if not items:
-            raise InputError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
-        present = []
-        for item in items:
-            if item[1].is_file():
+        items, present = [], []
+        for item in transcript_lines(path, skip):
+            if item[2] is None:
+                skip("audio without transcript (ignored)", item[1])
+            elif item[1].is_file():
+                items.append(item)
                 present.append(item)
             else:
-                skip("audio file missing", item[1])
-        if path.is_dir():
-            listed = {a for _, a, _ in items}
-            for audio in files:
-                if audio.suffix.lower() in AUDIO_SUFFIXES and audio not in listed:
-                    skip("audio without transcript (ignored)", audio)
+                items.append(item)
+                skip("audio file missing (or not a regular file)", item[1])
+        if not items:
+            raise InputError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
         info, usable_before = audio_info([a for _, a, _ in present]), len(utterances)
         for utt_id, audio, raw in present:
             text, dropped = normalize(raw)
             stats["characters dropped by normalization"] += dropped
-            if any(c.isdigit() for c in raw):  # dropping them would leave a label the audio does not say
-                skip("transcript holds digits (spell numbers out)", audio)
-            elif info[audio] is None:
-                skip("not readable as audio", audio)
-            elif info[audio][0] == 0:
-                skip("zero-length audio", audio)
-            elif info[audio][0] / info[audio][1] < WINDOW / SAMPLE_RATE:
-                skip(TOO_SHORT, audio)
-            elif not text:
-                skip("empty transcript", audio)
+            problem = label_problem(raw, text) or header_problem(info[audio])
+            if problem:
+                skip(problem, audio)
             else:
                 frames, rate = info[audio]
                 utterances.append({"id": utt_id, "path": str(audio), "text": text,
@@ -292,8 +322,16 @@ def load_audio(path):
     return wave
 
 
+def is_silent(wave):
+    return bool(wave.square().mean() < 10 ** (SILENCE_DBFS / 10))
+
+
 def load_usable_audio(path):
-    """(waveform, None), or (None, why the file cannot be trained on, scored or decoded)."""
+    """(waveform, None), or (None, why the file cannot be trained on, scored or decoded). A float
+    file past full scale is scaled down to it: the features do not depend on the scale, but its
+    power can overflow float32."""
+    if not Path(path).is_file():  # a named pipe would block the read
+        return None, "not a regular file (a pipe or a device)" if Path(path).exists() else "no such file"
     try:
         wave = load_audio(path)
     except (RuntimeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
@@ -302,8 +340,10 @@ def load_usable_audio(path):
         return None, TOO_SHORT
     if not bool(torch.isfinite(wave).all()):
         return None, "NaN or infinite samples"
-    if not bool(wave.abs().max() > 0):
-        return None, "silent audio"
+    peak = wave.abs().max()
+    wave = wave / peak if peak > 1 else wave
+    if is_silent(wave):
+        return None, SILENT
     return wave, None
 
 

@@ -21,6 +21,7 @@ import functools
 import gzip
 import json
 import math
+import os
 import sys
 import tempfile
 import zlib
@@ -40,6 +41,7 @@ WINDOW_BATCHES = 32   # inputs are sorted by length this many batches at a time,
 TOKENS = ["|" if symbol == " " else symbol for symbol in data.VOCAB]
 # Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
 BEAM_DEFAULTS = {"beam_size": 100, "lm_weight": 1.5, "word_score": 0.5}
+KENLM_MAX_ORDER = 6  # flashlight-text's KenLM is built with the default KENLM_MAX_ORDER
 # Past a few thousand hypotheses a wider beam only costs memory (1e9 took 24 GB before it was
 # killed); LibriSpeech recipes search with beams of 50-1,500.
 MAX_BEAM = 10_000
@@ -100,7 +102,7 @@ def read_lm_words(path):
 
 def arpa_unigrams(lines, path):
     """The words of the 1-grams section of an ARPA file's lines."""
-    words, section = [], None
+    words, section, order = [], None, 0
     for line_no, line in enumerate(lines, 1):
         line = line.strip()
         if section is None and line.startswith("\ufeff"):
@@ -108,6 +110,8 @@ def arpa_unigrams(lines, path):
                              f"save it without one")
         if section is None and line and line != "\\data\\":
             raise InputError(f"{path}:{line_no}: expected an ARPA file, which opens with \\data\\")
+        if section == "\\data\\" and line.startswith("ngram ") and line[6:].partition("=")[0].isdigit():
+            order = max(order, int(line[6:].partition("=")[0]))
         if line.startswith("\\"):
             if section == "\\1-grams:":
                 break
@@ -119,6 +123,10 @@ def arpa_unigrams(lines, path):
             words.append(fields[1])
     if section is None:
         raise InputError(f"{path} is empty: expected an ARPA file")
+    if order > KENLM_MAX_ORDER:
+        raise InputError(f"{path} is a {order}-gram LM; the KenLM in flashlight-text reads up to "
+                         f"{KENLM_MAX_ORDER}-grams: build it again with a lower order (lm.py build --order "
+                         f"{KENLM_MAX_ORDER})")
     return [w for w in words if w not in ("<s>", "</s>", "<unk>")]
 
 
@@ -129,6 +137,9 @@ def read_lexicon(path):
         lines = data.read_lines(path, expected="a lexicon: a word first on each line")
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+    if next((line.strip() for line in lines if line.strip()), None) == "\\data\\":
+        raise InputError(f"--lexicon {path} is an ARPA language model, not a lexicon: pass it as --lm "
+                         f"(its words are the default lexicon), and as --lexicon a file of words, one a line")
     return [line.split()[0] for line in lines if line.strip()]
 
 
@@ -163,7 +174,7 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
                                lm_weight=lm_weight, word_score=word_score,
                                blank_token=data.VOCAB[data.BLANK], sil_token="|")
         except RuntimeError as e:  # KenLM's message says what it could not parse
-            raise InputError(f"{lm}: KenLM cannot load it: {str(e).splitlines()[-1]}") from None
+            raise InputError(f"{lm}: KenLM cannot load it: {' '.join(str(e).split())[:400]}") from None
 
 
 def beam_search_spans(decoder, log_probs, out_lengths):
@@ -247,31 +258,33 @@ def split_chunks(wave, chunk_seconds):
 
 
 def resolve_inputs(paths):
-    """Inputs -> list of (id, audio path, reference text or None); problems go to stderr. A file
-    is audio if its name ends in data.AUDIO_SUFFIXES, else a manifest, as for train.py. An id is
-    the file's name (or the corpus's utterance id); ids that two inputs share become their paths."""
-    utterances = []
+    """Inputs -> ([(id, audio path, reference text or None)], inputs that name no recording). Every
+    recording is decoded; its transcript only decides whether it is scored: not when train.py
+    would not train on it (digits, nothing to say). A file is audio if its name ends in one of
+    data.AUDIO_SUFFIXES, else a manifest. An id is the file's name (or the corpus's utterance id);
+    ids that two inputs share become their paths. Problems go to stderr."""
+    utterances, unusable, unscored = [], 0, collections.Counter()
     for path in map(Path, paths):
-        manifest = path.is_file() and path.suffix.lower() not in data.AUDIO_SUFFIXES
-        if manifest or path.is_dir() and any(path.rglob("*.trans.txt")):
-            try:
-                corpus = data.read_corpus([path], log=lambda m: print(m, file=sys.stderr))
-            except InputError as e:
-                print(f"error: {e}", file=sys.stderr)
-                continue
-            utterances += [(u["id"], u["path"], u["text"]) for u in corpus]
-        elif path.is_dir():
-            audio = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.AUDIO_SUFFIXES)
-            if not audio:
-                print(f"error: {path}: no audio files ({', '.join(data.AUDIO_SUFFIXES)}) and no "
-                      f"transcripts in this directory", file=sys.stderr)
-            utterances += [(p.stem, str(p), None) for p in audio]
-        elif path.is_file():
-            utterances.append((path.stem, str(path), None))
-        else:
-            print(f"error: {path}: no such file or directory", file=sys.stderr)
+        if not (path.is_dir() or path.is_file() and path.suffix.lower() not in data.AUDIO_SUFFIXES):
+            utterances.append((path.stem, path, None))  # audio, or what its loading will name
+            continue
+        try:
+            lines = data.transcript_lines(path, skip=lambda why, what: print(f"error: {what}: {why}", file=sys.stderr))
+            if not lines:
+                raise InputError(f"{path}: no audio files ({', '.join(data.AUDIO_SUFFIXES)}) and no transcripts")
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            unusable += 1
+            continue
+        for utt_id, audio, raw in lines:
+            text = data.normalize(raw)[0] if raw is not None else None
+            problem = data.label_problem(raw, text) if raw is not None else None
+            unscored[problem] += bool(problem)
+            utterances.append((utt_id, audio, None if problem else text))
+    if +unscored:
+        print(f"note: decoded, not scored (the reference cannot be): {dict(+unscored)}", file=sys.stderr)
     shared = {i for i, count in collections.Counter(i for i, _, _ in utterances).items() if count > 1}
-    return [(str(path) if i in shared else i, path, ref) for i, path, ref in utterances]
+    return [(str(path) if i in shared else i, str(path), ref) for i, path, ref in utterances], unusable
 
 
 @torch.no_grad()
@@ -284,7 +297,9 @@ def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=greedy_
     for i, wave in enumerate(waves):
         start = 0
         for piece in split_chunks(wave, chunk_seconds):
-            if len(piece) >= WINDOW:  # under one analysis window (a cut just before the end): no frames
+            # Under one analysis window (a cut just before the end) there are no frames; in a silent
+            # chunk no words (the per-utterance normalization would make speech of its noise floor).
+            if len(piece) >= WINDOW and not data.is_silent(piece):
                 pieces.append((i, start, piece))
             start += len(piece)
     words = [[] for _ in pieces]
@@ -338,6 +353,7 @@ def decode_in_order(model, paths, device, args, spans):
         results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
                              args.chunk_seconds, spans, args.bf16) if usable else []
         done.update({i: (i, None, None, problem) for i, _, problem in items if problem})
+        done.update({i: (i, "", [], None) for i, _, problem in items if problem == data.SILENT})  # no words
         done.update({i: (i, text, words, None) for (i, _), (text, words) in zip(usable, results)})
         while next_index in done:
             yield done.pop(next_index)
@@ -386,19 +402,19 @@ def decode_inputs(args):
     model, _ = runs.build_from_checkpoint(args.checkpoint)
     model.to(device).eval()
 
-    utterances = resolve_inputs(args.inputs)
+    utterances, unusable = resolve_inputs(args.inputs)
     single = len(args.inputs) == len(utterances) == 1 and Path(args.inputs[0]).is_file() \
         and utterances[0][2] is None
     scored, failed = [], 0
     for i, text, words, problem in decode_in_order(model, [p for _, p, _ in utterances], device, args, spans):
         utt_id, path, ref = utterances[i]
         if problem:
-            print(f"error: {path}: {problem}; skipped", file=sys.stderr)
+            print(f"error: {printable(path)}: {problem}; skipped", file=sys.stderr)
             failed += 1
         elif args.timestamps:
             print(json.dumps({"id": utt_id, "text": text, "words": words}), flush=True)
         else:
-            print(text if single else f"{utt_id}\t{text}", flush=True)
+            print(text if single else f"{printable(utt_id)}\t{text}", flush=True)
         if ref is not None and not problem:
             scored.append((ref, text))
     if failed == len(utterances):
@@ -406,8 +422,17 @@ def decode_inputs(args):
     if scored:
         wer, cer = error_rates(*zip(*scored))
         print(f"WER {wer:.2f}%  CER {cer:.2f}%  ({len(scored)} utterances with references)", file=sys.stderr)
-    if failed:
-        print(f"warning: {failed} of {len(utterances)} inputs could not be decoded", file=sys.stderr)
+    if failed or unusable:
+        print(f"warning: {failed} of {len(utterances)} recordings could not be decoded"
+              + f"; {unusable} inputs named no recording" * bool(unusable), file=sys.stderr)
+
+
+def printable(name):
+    """A file name as one field of a line: a tab, newline or other control character in it, which
+    would split or forge lines, is written as an escape (\\t, \\n, \\x1b)."""
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
 
 
 def main(argv=None):
@@ -420,6 +445,11 @@ def main(argv=None):
         decode_inputs(args)
     except InputError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; the transcripts above are complete, the rest were not decoded")
+    except BrokenPipeError:  # a reader such as `head` stopped reading: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        sys.exit(141)  # 128 + SIGPIPE, as the shell reports it
 
 
 if __name__ == "__main__":
