@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -318,6 +319,14 @@ def run_row(key, args, out):
         dev_paths = letters_only_corpus(dev_paths, corpus / "dev.tsv")
     folder = out / key
     folder.mkdir(parents=True)
+    try:
+        return train_row(key, what, model, flags, train_paths, dev_paths, folder, args)
+    except KeyboardInterrupt:  # the row is not finished: its part-run goes, so the same command redoes it
+        shutil.rmtree(folder)
+        raise
+
+
+def train_row(key, what, model, flags, train_paths, dev_paths, folder, args):
     argv = flags + ["--data", *train_paths, "--dev", *dev_paths, "--run-dir", str(folder),
                     "--max-minutes", str(args.minutes), "--log-every", "1", "--eval-every",
                     str(args.eval_every), "--save-every", str(10 ** 9), "--seed", str(args.seed)]
@@ -325,7 +334,8 @@ def run_row(key, args, out):
     with open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log):
         try:
             model = train.train(argv, model)
-        except data.InputError as e:  # train.py's own verdict, such as a diverged run
+        except data.InputError as e:  # train.py's own verdict on the row, such as a diverged run (the
+            #                           corpora and flags the user typed were checked before any row)
             record["error"] = f"error: {e}"
         except Exception as e:  # what the mistake does to PyTorch, such as CTCLoss refusing lengths
             record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
@@ -368,14 +378,15 @@ def write_table(results, minutes, out):
 
 
 def plot(results, out):
-    """<out>/cer.png: dev CER against training minutes, a panel per direction (and corpus)."""
+    """<out>/cer.png: dev CER against training minutes, a panel per direction (and corpus); returns
+    whether it was drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("note: pip install matplotlib to draw cer.png", file=sys.stderr)
-        return
+        return False
     panels = {"a": "from the reported model to the recipe", "b": "the recipe with one mistake",
               "long/": "10-17 s recordings"}
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True)
@@ -392,6 +403,7 @@ def plot(results, out):
     figure.tight_layout()
     figure.savefig(out / "cer.png", dpi=110)
     plt.close(figure)
+    return True
 
 
 def main(argv=None):
@@ -412,32 +424,71 @@ def main(argv=None):
     for key in set(args.rows or []) - set(keys):
         p.error(f"--rows: unknown row {key!r}; rows are {', '.join(keys)}")
     args.minutes = args.minutes or (1.5 if args.quick else 4.0)
-    chosen = args.rows or (QUICK_ROWS if args.quick else keys)
+    try:
+        run_table(args, args.rows or (QUICK_ROWS if args.quick else keys), keys)
+    except data.InputError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; the rows finished so far are in results.json, and the same command "
+                 "continues with the rest")
+
+
+def check_out(args):
+    """The settings the table's rows share ({flag: value}); InputError for an --out that is a file,
+    lies inside a corpus (its joined recordings would join that corpus), or holds rows of others."""
+    args.data, args.dev = [[str(Path(p).absolute()) for p in paths] for paths in (args.data, args.dev)]
+    if args.out.exists() and not args.out.is_dir():
+        raise data.InputError(f"--out {args.out} is a file; name a folder for the table")
+    for corpus in map(Path, args.data + args.dev):
+        if corpus.is_dir() and args.out.resolve().is_relative_to(corpus.resolve()):
+            raise data.InputError(f"--out {args.out} is inside the corpus {corpus}, which would then hold "
+                                  f"the table's recordings; pick a folder outside it")
+    for paths in (args.data, args.dev):  # a typo must not become a row's result
+        data.read_corpus(paths, log=lambda message: print(message, file=sys.stderr))
+    settings = {"minutes": args.minutes, "data": args.data, "dev": args.dev, "seed": args.seed,
+                "eval_every": args.eval_every}
+    results_file = args.out / "results.json"
+    if not results_file.exists():
+        return settings
+    try:
+        saved = json.loads(results_file.read_text())
+        saved = {key: saved[key] for key in settings}
+    except (ValueError, KeyError, TypeError):
+        raise data.InputError(f"{results_file} is not a table ablation.py wrote (cut short, or of an older "
+                              f"version); move it away to start the table anew, or use another --out") from None
+    differ = [f"--{k.replace('_', '-')} {saved[k]}" for k in settings if saved[k] != settings[k]]
+    if differ:
+        raise data.InputError(f"{results_file} holds rows run with {', '.join(differ)}; give the same to "
+                              f"add to them, or use another --out")
+    return settings
+
+
+def run_table(args, chosen, keys):
+    """Train the chosen rows that results.json lacks, rewriting the table and figure after each."""
+    settings = check_out(args)
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
-    saved = json.loads(results_file.read_text()) if results_file.exists() else {"minutes": args.minutes}
-    if saved["minutes"] != args.minutes:
-        sys.exit(f"error: {results_file} holds rows of {saved['minutes']} minutes; use --minutes "
-                 f"{saved['minutes']} to add to them, or another --out")
+    saved = json.loads(results_file.read_text()) if results_file.exists() else {}
     done = {r["row"]: r for r in saved.get("rows", [])}
+    drawn = False
     for key in chosen:
         if key in done:
             print(f"{key}: already in {results_file}", file=sys.stderr)
             continue
         if (args.out / key).exists():
-            sys.exit(f"error: {args.out / key} holds an unfinished row (the table was stopped during it); "
-                     f"remove that folder to run the row again")
-        what = rows[key.removeprefix("long/")][0]
+            raise data.InputError(f"{args.out / key} holds an unfinished row (the table was killed during "
+                                  f"it); remove that folder to run the row again")
+        what = all_rows()[key.removeprefix("long/")][0]
         print(f"{key}: training for {args.minutes} min ({what})", file=sys.stderr)
         done[key] = run_row(key, args, args.out)
         verdict = done[key]["error"] or f"dev letter CER {done[key].get('letter_cer', math.nan):.1f}%"
         print(f"{key}: {verdict}", file=sys.stderr)
         results = [done[k] for k in keys if k in done]
-        table = json.dumps({"minutes": args.minutes, "rows": results}, indent=1).encode()
+        table = json.dumps({**settings, "rows": results}, indent=1).encode()
         data.write_atomically(results_file, lambda f: f.write(table))
         write_table(results, args.minutes, args.out)
-        plot(results, args.out)
-    print(f"{args.out / 'table.md'}, {args.out / 'cer.png'}", file=sys.stderr)
+        drawn = plot(results, args.out)
+    print(", ".join(str(args.out / name) for name in ["table.md"] + ["cer.png"] * drawn), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1264,6 +1264,42 @@ def test_ablation_writes_its_table_and_continues_a_stopped_one(tmp_path, capsys)
     assert json.loads((out / "results.json").read_text()) == results
     with pytest.raises(SystemExit, match="--minutes 0.01"):  # rows of another budget do not mix
         ablation.main(argv + ["0.02"])
+    for other in (["--seed", "1"], ["--eval-every", "3"], ["--dev", str(train_dir)]):  # nor of other settings
+        with pytest.raises(SystemExit, match="holds rows run with"):
+            ablation.main(argv + ["0.01", *other])
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_ablation_refuses_bad_outs_and_typos_and_stores_no_interrupted_row(tmp_path, monkeypatch, capsys):
+    train_dir, dev_dir = make_corpus(tmp_path, 8, 3)
+    row = ["--rows", "b-no-space", "--minutes", "0.01", "--eval-every", "2"]
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "cut/").mkdir()
+    (tmp_path / "cut/results.json").write_text('{"minutes": 0.01, "ro')
+    cases = [(["--out", str(train_dir / "table")], "inside the corpus"),
+             (["--out", str(tmp_path / "file")], "is a file"),
+             (["--out", str(tmp_path / "cut")], "not a table ablation.py wrote"),
+             (["--out", str(tmp_path / "typo"), "--dev", str(tmp_path / "dve")], "no such file")]
+    for extra, problem in cases:
+        with pytest.raises(SystemExit, match=problem):
+            ablation.main(["--data", str(train_dir), "--dev", str(dev_dir), *row, *extra])
+    assert not (train_dir / "table").exists() and not (tmp_path / "typo").exists()
+    real_lr = train.learning_rate
+
+    def ctrl_c(step, total, args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(step, total, args)
+    monkeypatch.setattr(train, "learning_rate", ctrl_c)
+    out = tmp_path / "table"
+    with pytest.raises(SystemExit, match="interrupted"):
+        ablation.main(["--data", str(train_dir), "--dev", str(dev_dir), "--out", str(out), *row])
+    assert not (out / "b-no-space").exists() and not (out / "results.json").exists()
+    monkeypatch.setattr(train, "learning_rate", real_lr)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    ablation.main(["--data", str(train_dir), "--dev", str(dev_dir), "--out", str(out), *row])
+    assert "b-no-space" in (out / "results.json").read_text()
+    err = capsys.readouterr().err
+    assert "cannot draw" not in err and "pip install matplotlib" in err and "cer.png" not in err.splitlines()[-1]
 
 
 # --------------------------------------------------------- hostile input, second round
