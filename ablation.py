@@ -455,7 +455,8 @@ def check_out(args):
         saved = {key: saved[key] for key in settings}
     except (ValueError, KeyError, TypeError):
         raise data.InputError(f"{results_file} is not a table ablation.py wrote (cut short, or of an older "
-                              f"version); move it away to start the table anew, or use another --out") from None
+                              f"version); move it away to start the table anew, or use another "
+                              f"--out") from None
     differ = [f"--{k.replace('_', '-')} {saved[k]}" for k in settings if saved[k] != settings[k]]
     if differ:
         raise data.InputError(f"{results_file} holds rows run with {', '.join(differ)}; give the same to "

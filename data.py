@@ -162,7 +162,8 @@ def transcript_lines(path, skip):
     files = list(files_under(path, skip))
     items = _read_librispeech(files, skip)
     listed = {audio for _, audio, _ in items}
-    return items + [(f.stem, f, None) for f in files if f.suffix.lower() in AUDIO_SUFFIXES and f not in listed]
+    unlisted = [f for f in files if f.suffix.lower() in AUDIO_SUFFIXES and f not in listed]
+    return items + [(f.stem, f, None) for f in unlisted]
 
 
 def _read_manifest(path):

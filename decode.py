@@ -262,16 +262,18 @@ def resolve_inputs(paths):
     recording is decoded; its transcript only decides whether it is scored: not when train.py
     would not train on it (digits, nothing to say). A file is audio if its name ends in one of
     data.AUDIO_SUFFIXES, else a manifest. An id is the file's name (or the corpus's utterance id);
-    ids that two inputs share become their paths. Problems go to stderr."""
+    ids that two recordings share become their paths. Problems go to stderr."""
     utterances, unusable, unscored = [], 0, collections.Counter()
     for path in map(Path, paths):
         if not (path.is_dir() or path.is_file() and path.suffix.lower() not in data.AUDIO_SUFFIXES):
             utterances.append((path.stem, path, None))  # audio, or what its loading will name
             continue
         try:
-            lines = data.transcript_lines(path, skip=lambda why, what: print(f"error: {what}: {why}", file=sys.stderr))
+            lines = data.transcript_lines(path, skip=lambda why, what: print(f"error: {what}: {why}",
+                                                                              file=sys.stderr))
             if not lines:
-                raise InputError(f"{path}: no audio files ({', '.join(data.AUDIO_SUFFIXES)}) and no transcripts")
+                raise InputError(f"{path}: no audio files ({', '.join(data.AUDIO_SUFFIXES)}) and no "
+                                 f"transcripts")
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             unusable += 1
@@ -284,7 +286,12 @@ def resolve_inputs(paths):
     if +unscored:
         print(f"note: decoded, not scored (the reference cannot be): {dict(+unscored)}", file=sys.stderr)
     shared = {i for i, count in collections.Counter(i for i, _, _ in utterances).items() if count > 1}
-    return [(str(path) if i in shared else i, str(path), ref) for i, path, ref in utterances], unusable
+    named, seen = [], collections.Counter()
+    for i, path, ref in utterances:
+        name = str(path) if i in shared else i
+        seen[name] += 1  # a file that a manifest lists twice: its second line is <path>#2
+        named.append((name + f"#{seen[name]}" * (seen[name] > 1), str(path), ref))
+    return named, unusable
 
 
 @torch.no_grad()
@@ -319,7 +326,9 @@ def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=greedy_
 
 
 class Inputs(torch.utils.data.Dataset):
-    """Input i -> (i, waveform or None, why not), read in a DataLoader worker."""
+    """Input i -> (i, waveform or None, why not), read in a DataLoader worker. The waveform is a numpy
+    array: it comes back through the pipe, where a tensor would come through a shared-memory handle
+    whose hand-over a Ctrl-C can cut (a traceback from multiprocessing's resource sharer)."""
 
     def __init__(self, paths):
         self.paths = paths
@@ -328,7 +337,8 @@ class Inputs(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return (i, *data.load_usable_audio(self.paths[i]))
+        wave, problem = data.load_usable_audio(self.paths[i])
+        return i, None if wave is None else wave.numpy(), problem
 
 
 def decode_in_order(model, paths, device, args, spans):
@@ -349,7 +359,7 @@ def decode_in_order(model, paths, device, args, spans):
                                          num_workers=args.workers, worker_init_fn=data.ignore_signals)
     done, next_index = {}, 0
     for items in loader:
-        usable = [(i, wave) for i, wave, problem in items if wave is not None]
+        usable = [(i, torch.from_numpy(wave)) for i, wave, problem in items if wave is not None]
         results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
                              args.chunk_seconds, spans, args.bf16) if usable else []
         done.update({i: (i, None, None, problem) for i, _, problem in items if problem})

@@ -170,8 +170,13 @@ def fetch_librispeech_lm(name, root, base_url):
     folder.mkdir(parents=True, exist_ok=True)
     for file_name, (size, sha256) in LIBRISPEECH_LM_FILES[name].items():
         final = folder / file_name
-        if final.exists():
-            print(f"{final} is already there; skipping it", file=sys.stderr)
+        if final.exists():  # checked as a download is: a file cut short or zero-filled is not the LM
+            actual = (final.stat().st_size, download.digest_of(final, hashlib.sha256()))
+            if actual != (size, sha256):
+                raise DownloadError(f"{final} is there but is not OpenSLR's ({actual[0]:,} bytes, SHA-256 "
+                                    f"{actual[1]}; expected {size:,}, {sha256}). Move it out of the way and "
+                                    f"run the command again.")
+            print(f"{final} is already there (checked); skipping it", file=sys.stderr)
             continue
         part = folder / f"{file_name}.part"
         download.fetch_archive(f"{base_url}/{file_name}", part)
@@ -183,6 +188,7 @@ def fetch_librispeech_lm(name, root, base_url):
                                 f"command again, or try another --base-url.")
         part.rename(final)
         print(f"{final}: ready", file=sys.stderr)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
@@ -201,7 +207,9 @@ def main(argv=None):
                        help="another location of the files; they are checked against the official SHA-256s")
     args = parser.parse_args(argv)
     if args.command == "build":
-        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order))
+        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order),
+                                interrupted=f"interrupted; nothing was written to {args.out} (it is written "
+                                            f"whole or not at all)")
     else:
         name = "4gram" if args.four_gram else "pruned"
         download.exit_on_errors(lambda: fetch_librispeech_lm(name, download.writable_root(args.root),

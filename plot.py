@@ -10,8 +10,14 @@ it (each process's clock starts at zero), and a line that a kill cut short is sk
 """
 import argparse
 import json
+import numbers
 import sys
 from pathlib import Path
+
+from data import InputError
+
+# The fields each kind of train.py record must hold, as numbers, to be drawn.
+STEP_FIELDS, EVAL_FIELDS = ("wall_seconds", "step", "loss"), ("wall_seconds", "step", "dev_wer", "dev_cer")
 
 
 def read_metrics(run):
@@ -21,21 +27,28 @@ def read_metrics(run):
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
-        sys.exit(f"error: {path}: cannot read it ({e.strerror}); give a run folder or its metrics.jsonl")
+        raise InputError(f"{path}: cannot read it ({e.strerror}); give a run folder or its "
+                         f"metrics.jsonl") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not text; give a run folder or its metrics.jsonl") from None
     steps, evals, offset, last_wall = [], [], 0.0, 0.0
     for line in lines:
         try:
             record = json.loads(line)
-            wall = record["wall_seconds"]
-        except (ValueError, KeyError, TypeError):  # cut short by a kill
+        except ValueError:  # cut short by a kill
             continue
+        fields = EVAL_FIELDS if isinstance(record, dict) and "dev_wer" in record else STEP_FIELDS
+        if not (isinstance(record, dict) and all(isinstance(record.get(f), numbers.Real) for f in fields)):
+            continue  # not a train.py record
+        wall = record["wall_seconds"]
         if wall < last_wall:  # a resumed process: its clock started again at zero
             offset += last_wall
         last_wall = wall
         record["minutes"] = (offset + wall) / 60
         (evals if "dev_wer" in record else steps).append(record)
     if not steps and not evals:
-        sys.exit(f"error: {path}: no metrics written by train.py in it")
+        raise InputError(f"{path}: no metrics written by train.py in it; give a run folder or its "
+                         f"metrics.jsonl")
     return steps, evals
 
 
@@ -56,10 +69,15 @@ def main(argv=None):
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
+    try:
+        metrics = [read_metrics(run) for run in args.runs]
+    except InputError as e:
+        sys.exit(f"error: {e}")
     figure, (loss_axes, error_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    if args.out.suffix.lstrip(".").lower() not in figure.canvas.get_supported_filetypes():
+        args.out = args.out.with_name(args.out.name + ".png")  # as savefig would name it, said as it is
     x = "minutes" if args.x == "minutes" else "step"
-    for n, (run, label) in enumerate(zip(args.runs, labels)):
-        steps, evals = read_metrics(run)
+    for n, ((steps, evals), label) in enumerate(zip(metrics, labels)):
         color = f"C{n}"
         loss_axes.plot([r[x] for r in steps], [r["loss"] for r in steps], color=color, label=label)
         error_axes.plot([r[x] for r in evals], [r["dev_wer"] for r in evals], "o-", color=color,

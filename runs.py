@@ -146,12 +146,13 @@ def load_checkpoint(path, keys=MODEL_KEYS, name=None):
             f"there: use that" if path.name == "best.pt" and last.exists() else "") + (
             f"; {path.parent} holds no checkpoint: its run stopped before its first save"
             if path.name == "last.pt" and path.parent.is_dir() else "")) from None
-    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never, for a file of unknown origin
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never, for a foreign file
         raise InputError(f"{name}: not a checkpoint written by train.py (it holds more than tensors and "
                          f"plain types, or is not a PyTorch file)") from None
     except Exception as e:  # a truncated or foreign file fails in many ways
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"{name}: not a readable train.py checkpoint ({type(e).__name__}: {reason})") from None
+        raise InputError(f"{name}: not a readable train.py checkpoint ({type(e).__name__}: "
+                         f"{reason})") from None
     if checkpoint["vocab"] != VOCAB:
         raise InputError(f"{name}: its vocabulary {''.join(checkpoint['vocab'])!r} differs from this "
                          f"code's {''.join(VOCAB)!r}; use the code that wrote it")

@@ -548,7 +548,7 @@ def test_bad_files_are_skipped_counted_and_named_and_training_goes_on(tmp_path, 
                         "--eval-every", "100")
     train.train([*flags, "--data", str(train_dir), str(tmp_path / "more.tsv")])
     out = capsys.readouterr()
-    assert "audio file missing: 1" in out.out and "5-50-0008.flac" in out.out
+    assert "audio file missing (or not a regular file): 1" in out.out and "5-50-0008.flac" in out.out
     assert "audio without transcript (ignored): 1" in out.out and "5-50-0099.flac" in out.out
     assert "not readable as audio: 2" in out.out and "5-50-0002.flac" in out.out
     assert "zero-length audio: 1" in out.out and "empty.wav" in out.out
@@ -556,7 +556,7 @@ def test_bad_files_are_skipped_counted_and_named_and_training_goes_on(tmp_path, 
     assert "characters dropped by normalization: 8" in out.out
     assert "skipped 1 utterances longer than --max-seconds 5.0 and 1 whose transcript is too long" in out.out
     # Broken or silent bodies are only found when read: named once per read, training goes on.
-    assert "5-50-0001.flac" in out.err and "silent audio" in out.err and "5-50-0004.flac" in out.err
+    assert "5-50-0001.flac" in out.err and data.SILENT in out.err and "5-50-0004.flac" in out.err
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 2
 
 
@@ -1045,6 +1045,15 @@ def test_download_an4_writes_librispeech_layout_splits_by_speaker_and_resumes(tm
 
     monkeypatch.setattr(download, "AN4_UTTERANCES", {"train": 4, "test": 2})
     monkeypatch.setattr(download, "AN4_TEST_WORDS", 8)
+    monkeypatch.setattr(download, "AN4_SHA256", download.an4_digest(tmp_path / "an4src/an4"))
+    listing = tmp_path / "an4src/an4/etc/an4_train.transcription"
+    listing.write_text(listing.read_text().replace("<s> YES </s>", "<s> NO </s>"))  # same counts, one word
+    with tarfile.open(tmp_path / "edited.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "an4src/an4", arcname="an4")
+    edited = ArchiveServer({download.AN4_ARCHIVE: (tmp_path / "edited.tar.gz").read_bytes()})
+    with pytest.raises(SystemExit) as refused:
+        download.main(["an4", "--root", str(tmp_path / "root"), "--base-url", edited.url])
+    assert "differ from CMU's AN4" in str(refused.value) and not list((tmp_path / "root").iterdir())
     server.cut_after = len(archive) // 3
     with pytest.raises(SystemExit) as cut:
         download.main(command)
@@ -1111,6 +1120,23 @@ def test_lm_librispeech_checks_sizes_and_sha256_resumes_and_keeps_files_as_publi
         with pytest.raises(SystemExit) as wrong:
             lm.main(["librispeech", "--root", str(tmp_path / "other"), "--base-url", server.url])
         assert "SHA-256" in str(wrong.value) and not list((tmp_path / "other/LibriSpeech/lm").glob("*lexicon*"))
+    (folder / "librispeech-lexicon.txt").write_bytes(bytes(len(lexicon)))  # zero-filled, the right size
+    with pytest.raises(SystemExit) as zeros:  # a file already there is checked as a download is
+        lm.main(command)
+    assert "is there but is not OpenSLR's" in str(zeros.value) and "Move it out of the way" in str(zeros.value)
+    assert (folder / "librispeech-lexicon.txt").read_bytes() == bytes(len(lexicon))  # the user's file stays
+
+
+def test_ctrl_c_during_lm_build_says_nothing_was_written(tmp_path, monkeypatch):
+    (tmp_path / "text.txt").write_text("a b c\n")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lm, "kneser_ney", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        lm.main(["build", str(tmp_path / "text.txt"), "--out", str(tmp_path / "x.arpa")])
+    assert "nothing was written" in str(stopped.value) and "download" not in str(stopped.value)
+    assert not (tmp_path / "x.arpa").exists()
 
 
 # ------------------------------------------------------------------------ health checks
@@ -1456,7 +1482,8 @@ def test_manifests_have_two_columns_digits_are_skipped_and_ids_are_unique(tmp_pa
     result = run_script("decode.py", tmp_path / "m.pt", tmp_path / "mixed.txt", tmp_path / "x/same.wav",
                         tmp_path / "y/same.wav")
     ids = [line.split("\t")[0] for line in result.stdout.splitlines()]
-    assert result.returncode == 0 and ids == ["a", str(tmp_path / "x/same.wav"), str(tmp_path / "y/same.wav")]
+    a = str(tmp_path / "a.flac")  # listed twice: decoded twice, scored once (the digits are not)
+    assert result.returncode == 0 and ids == [a, a + "#2", str(tmp_path / "x/same.wav"), str(tmp_path / "y/same.wav")]
     assert "(1 utterances with references)" in result.stderr and "digits" in result.stderr
 
 
@@ -1494,6 +1521,7 @@ def test_an4_is_written_exactly_as_listed_and_a_target_in_the_way_is_found_first
         tar.add(tmp_path / "AN4", arcname="AN4")
     monkeypatch.setattr(download, "AN4_UTTERANCES", {"train": 4, "test": 2})
     monkeypatch.setattr(download, "AN4_TEST_WORDS", 8)
+    monkeypatch.setattr(download, "AN4_SHA256", download.an4_digest(tmp_path / "an4src/an4"))
     server = ArchiveServer({download.AN4_ARCHIVE: (tmp_path / "evil.tar.gz").read_bytes()})
     root = tmp_path / "root"
     (root / "AN4").mkdir(parents=True)  # empty: not taken for a finished download
@@ -1533,6 +1561,14 @@ def test_plot_reads_a_resumed_and_a_killed_run_and_draws_them(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main([str(run), "--labels", "a", "b", "--out", str(tmp_path / "x.png")])
     assert "2 labels for 1 runs" in capsys.readouterr().err
+    torch.save({"x": torch.ones(3)}, tmp_path / "last.pt")
+    (tmp_path / "other.jsonl").write_text('{"step": 1}\n[1, 2]\n{"loss": "x", "wall_seconds": 1}\n')
+    for name in ("last.pt", "other.jsonl"):  # not train.py's metrics: named, no traceback
+        with pytest.raises(SystemExit) as refused:
+            plot.main([str(tmp_path / name), "--out", str(tmp_path / "y.png")])
+        assert str(tmp_path / name) in str(refused.value) and "give a run folder" in str(refused.value)
+    plot.main([str(run), "--out", str(tmp_path / "named")])  # no suffix: written and reported as .png
+    assert (tmp_path / "named.png").exists() and f"{tmp_path / 'named.png'}: 1 run" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------- word timestamps
@@ -1750,3 +1786,11 @@ def test_decode_interrupted_or_cut_off_by_head_ends_without_a_traceback(tmp_path
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1 and "interrupted" in err and "Traceback" not in err, err
+
+
+def test_decode_names_an_ablation_rows_checkpoint_and_how_to_load_it(tmp_path):
+    model, _ = ablation.build("b-softmax")
+    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "row.pt")
+    with pytest.raises(InputError) as row:
+        runs.build_from_checkpoint(tmp_path / "row.pt")
+    assert "ablation.py row" in str(row.value) and "ablation.build(<row>)[0]" in str(row.value)

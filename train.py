@@ -141,7 +141,7 @@ def resolve_args(argv, log):
     Everything a resume will load is checked here, before the run folder is touched."""
     args = build_parser().parse_args(argv)
     # Saved absolute, so that a resume from another working directory finds the corpora.
-    args.data, args.dev = ([str(Path(p).absolute()) for p in ps] if ps else ps for ps in (args.data, args.dev))
+    args.data, args.dev = ([str(Path(p).absolute()) for p in ps or []] or ps for ps in (args.data, args.dev))
     if not args.resume:
         if not args.data or not (args.dev or args.overfit):
             raise InputError("--data and --dev are required (or --resume a run)")
@@ -158,8 +158,8 @@ def resolve_args(argv, log):
                          f"Drop them, or start a new run with a new --run-dir.")
     unknown = [as_flag(k) for k in vars(build_parser().parse_args([])) if k not in checkpoint["train_config"]]
     if unknown:  # train.py has gained flags since: their defaults need not be what that run did
-        raise InputError(f"--resume {path}: written by an older train.py, before {' '.join(unknown)} existed; "
-                         f"continue it with the code that wrote it, or start a new run")
+        raise InputError(f"--resume {path}: written by an older train.py, before {' '.join(unknown)} "
+                         f"existed; continue it with the code that wrote it, or start a new run")
     saved = argparse.Namespace(**checkpoint["train_config"])
     run_dir = Path(given.get("run_dir") or path.parent)
     runs.check_resumable(checkpoint, path, CTCModel(model_config(saved)), run_dir, launched_world_size())
@@ -257,7 +257,8 @@ class Evaluation:
         refs, hyps = decode.greedy_corpus(model, self.dev_loader, self.device, self.bf16)
         if not refs:  # a WER of nothing would read as 0.00% and freeze best.pt
             raise InputError(f"--dev {' '.join(self.args.dev)}: none of its utterances could be scored, "
-                             f"each file was skipped (the warnings above say why); fix or replace the dev set")
+                             f"each file was skipped (the warnings above say why); fix or replace the dev "
+                             f"set")
         (wer, cer), seconds = decode.error_rates(refs, hyps), time.time() - started
         self.cer_history.append(cer)
         self.seconds += seconds
