@@ -11,6 +11,7 @@ buckets; the batch order is reshuffled every epoch from (seed, epoch), so it can
 """
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import math
@@ -348,11 +349,28 @@ def load_usable_audio(path):
     return wave, None
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def ignore_signals(_):
     """A DataLoader worker_init_fn: workers leave Ctrl-C and SIGTERM to the main process (train.py
-    saves and exits)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    saves and exits). One that came while the worker started (see signals_held) is dropped here."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends, as DataLoader workers are started in it: a
+    worker forked with them deliverable could die of one before ignore_signals() runs, and the
+    loader would fail with a traceback. The workers inherit the hold; this process gets the
+    signal when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class AudioDataset(torch.utils.data.Dataset):

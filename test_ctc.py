@@ -1794,3 +1794,15 @@ def test_decode_names_an_ablation_rows_checkpoint_and_how_to_load_it(tmp_path):
     with pytest.raises(InputError) as row:
         runs.build_from_checkpoint(tmp_path / "row.pt")
     assert "ablation.py row" in str(row.value) and "ablation.build(<row>)[0]" in str(row.value)
+
+
+def test_ctrl_c_that_reaches_workers_as_they_start_does_not_break_the_run(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 6, 2)
+    real = data.ignore_signals
+
+    def interrupted_first(worker_id):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches the new worker before it can ignore it
+        real(worker_id)
+    monkeypatch.setattr(data, "ignore_signals", interrupted_first)
+    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--workers", "1"))
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 1

@@ -222,7 +222,8 @@ def build_loaders(args, train_set, dev_set, rank, world_size, pin_memory):
     if rank == 0:  # the rank that evaluates
         # Start the dev workers now, while this process is small: forked later from a process holding
         # the training's memory, they slowed the next steps (copy on write), 10 s on AN4 (RESULTS.md).
-        iter(dev_loader)
+        with data.signals_held():  # a Ctrl-C now ends the start cleanly, after the workers are up
+            iter(dev_loader)
     return data.batch_loader(train_set, sampler, args.workers, pin_memory), sampler, dev_loader
 
 
