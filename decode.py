@@ -419,7 +419,7 @@ def decode_inputs(args):
     for i, text, words, problem in decode_in_order(model, [p for _, p, _ in utterances], device, args, spans):
         utt_id, path, ref = utterances[i]
         if problem:
-            print(f"error: {printable(path)}: {problem}; skipped", file=sys.stderr)
+            print(f"warning: {printable(path)}: {problem}; skipped", file=sys.stderr)
             failed += 1
         elif args.timestamps:
             print(json.dumps({"id": utt_id, "text": text, "words": words}), flush=True)
