@@ -22,6 +22,7 @@ import gzip
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import zlib
@@ -451,6 +452,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.lm or args.lexicon) and any(getattr(args, name) is not None for name in BEAM_DEFAULTS):
         parser.error("--beam-size, --lm-weight and --word-score need --lm or --lexicon")
+    # A kill stops decoding as Ctrl-C does, so that the loader shuts its workers down; they ignore
+    # both signals, and the default death of this process alone left them blocked on a full queue.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         decode_inputs(args)
     except InputError as e:

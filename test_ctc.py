@@ -1267,6 +1267,25 @@ def test_the_ablation_recipe_is_the_readme_recipe():
     assert flags == ablation.RECIPE
 
 
+def readme_commands(script):
+    """The README's `python SCRIPT ...` command lines, continuations joined, comments dropped."""
+    lines = (HERE / "README.md").read_text().replace("\\\n", " ").splitlines()
+    commands = [line.split("#")[0].split() for line in lines if line.startswith("    ")]
+    runners = ("python", "time", "torchrun")
+    return [c[c.index(script) + 1:] for c in commands if script in c and c[0] in runners]
+
+
+def test_every_train_and_decode_command_in_the_readme_parses():
+    """A recipe a user copies from the README must not stop at a misspelt or removed flag."""
+    trains, decodes = readme_commands("train.py"), readme_commands("decode.py")
+    assert len(trains) >= 4 and len(decodes) >= 4  # AN4, Mini LibriSpeech, LibriSpeech, torchrun
+    assert any("train-clean-5" in " ".join(argv) for argv in trains)
+    for argv in trains:
+        train.build_parser().parse_args(argv)
+    for argv in decodes:
+        decode.build_parser().parse_args(argv)
+
+
 def test_ablation_writes_its_table_and_continues_a_stopped_one(tmp_path, capsys):
     train_dir, dev_dir = make_corpus(tmp_path, 8, 3)
     out = tmp_path / "ablation"
@@ -1773,6 +1792,13 @@ def test_decode_decodes_every_recording_whatever_its_transcript_and_counts_what_
     assert "2 of 10 recordings could not be decoded" in result.stderr
 
 
+def read_or_empty(path):
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended while we looked
+        return b""
+
+
 def test_decode_interrupted_or_cut_off_by_head_ends_without_a_traceback(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
@@ -1787,6 +1813,14 @@ def test_decode_interrupted_or_cut_off_by_head_ends_without_a_traceback(tmp_path
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1 and "interrupted" in err and "Traceback" not in err, err
+    process = subprocess.Popen(command + ["--workers", "2"], cwd=HERE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    process.terminate()  # kill's SIGTERM: the workers, which ignore it, must not outlive the decoder
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "interrupted" in err and "Traceback" not in err, err
+    left = [c for c in Path("/proc").glob("[0-9]*/cmdline") if str(tmp_path).encode() in read_or_empty(c)]
+    assert not left, "decode.py's workers outlived it"
 
 
 def test_decode_names_an_ablation_rows_checkpoint_and_how_to_load_it(tmp_path):
