@@ -454,7 +454,7 @@ def main(argv=None):
         parser.error("--beam-size, --lm-weight and --word-score need --lm or --lexicon")
     # A kill stops decoding as Ctrl-C does, so that the loader shuts its workers down; they ignore
     # both signals, and the default death of this process alone left them blocked on a full queue.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    kill_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         decode_inputs(args)
     except InputError as e:
@@ -464,6 +464,8 @@ def main(argv=None):
     except BrokenPipeError:  # a reader such as `head` stopped reading: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
         sys.exit(141)  # 128 + SIGPIPE, as the shell reports it
+    finally:
+        signal.signal(signal.SIGTERM, kill_handler)
 
 
 if __name__ == "__main__":

@@ -518,7 +518,8 @@ def test_missing_or_empty_data_paths_exit_naming_the_path_and_layouts(tmp_path, 
     _, dev_dir = make_corpus(tmp_path, 1, 2)
     for bad in [tmp_path / "nowhere", tmp_path / "empty"]:
         with pytest.raises(InputError) as exit_info:
-            train.train(["--data", str(bad), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"), *TINY])
+            train.train(["--data", str(bad), "--dev", str(dev_dir), "--run-dir", str(tmp_path / "run"),
+                         *TINY])
         assert str(bad) in str(exit_info.value) and "LibriSpeech-layout" in str(exit_info.value)
         assert "TSV manifest" in str(exit_info.value)
 
@@ -661,7 +662,8 @@ def test_text_files_linked_folders_and_unreadable_folders(tmp_path, monkeypatch)
     (tmp_path / "corpus/7").symlink_to(tmp_path / "real/7/7")      # linked speaker folders are read
     (tmp_path / "corpus/8").symlink_to(tmp_path / "real/8/8")
     (tmp_path / "real/7/7/198/loop").symlink_to(tmp_path / "corpus")  # and a loop is not followed
-    assert sorted(" ".join(words) for words in lm.read_sentences([tmp_path / "corpus"])) == ["abc", "de", "fg"]
+    sentences = lm.read_sentences([tmp_path / "corpus"])
+    assert sorted(" ".join(words) for words in sentences) == ["abc", "de", "fg"]
     real_scandir, log = os.scandir, []
 
     def scandir(path="."):
@@ -729,7 +731,8 @@ def test_non_finite_steps_are_skipped_and_a_diverged_run_stops_with_advice(tmp_p
     always_nan = True
     capsys.readouterr()
     with pytest.raises(InputError) as diverged:
-        train.train(train_flags(train_dir, dev_dir, tmp_path / "run2", "--epochs", "3", "--eval-every", "100"))
+        train.train(train_flags(train_dir, dev_dir, tmp_path / "run2", "--epochs", "3",
+                                "--eval-every", "100"))
     assert f"{train.MAX_BAD_STEPS_IN_A_ROW + 1} steps in a row had a non-finite loss" in str(diverged.value)
     assert "Lower --lr" in str(diverged.value)
 
@@ -762,7 +765,8 @@ def test_ctrl_c_saves_last_checkpoint_and_prints_the_resume_command(tmp_path):
             break
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT, err  # stopped, not finished: as the shell reports Ctrl-C
+    # stopped, not finished: as the shell reports Ctrl-C
+    assert process.returncode == 128 + signal.SIGINT, err
     assert "python train.py --resume" in out and str(tmp_path / "run/last.pt") in out
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] >= 2
 
@@ -987,7 +991,8 @@ def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_pa
 
 
 @pytest.mark.parametrize("subset", ["train-clean-5", "dev-clean-2"])
-def test_mini_librispeech_comes_from_openslr_31_and_only_with_its_published_md5(tmp_path, monkeypatch, subset):
+def test_mini_librispeech_comes_from_openslr_31_and_only_with_its_published_md5(tmp_path, monkeypatch,
+                                                                               subset):
     root, urls = tmp_path / "root", []
 
     def unreachable(url, target):
@@ -1031,7 +1036,8 @@ def test_a_mirror_that_is_unreachable_or_a_root_that_cannot_be_written_is_named(
     (tmp_path / "file").write_text("")
     result = run_script("download.py", "an4", "--root", tmp_path / "file/root", "--base-url", closed)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--root" in result.stderr and "cannot write there" in result.stderr and "continues" not in result.stderr
+    assert "--root" in result.stderr and "cannot write there" in result.stderr
+    assert "continues" not in result.stderr
 
 
 def test_download_an4_writes_librispeech_layout_splits_by_speaker_and_resumes(tmp_path, monkeypatch):
@@ -1119,11 +1125,13 @@ def test_lm_librispeech_checks_sizes_and_sha256_resumes_and_keeps_files_as_publi
         server.files["librispeech-lexicon.txt"] = tampered
         with pytest.raises(SystemExit) as wrong:
             lm.main(["librispeech", "--root", str(tmp_path / "other"), "--base-url", server.url])
-        assert "SHA-256" in str(wrong.value) and not list((tmp_path / "other/LibriSpeech/lm").glob("*lexicon*"))
+        assert "SHA-256" in str(wrong.value)
+        assert not list((tmp_path / "other/LibriSpeech/lm").glob("*lexicon*"))
     (folder / "librispeech-lexicon.txt").write_bytes(bytes(len(lexicon)))  # zero-filled, the right size
     with pytest.raises(SystemExit) as zeros:  # a file already there is checked as a download is
         lm.main(command)
-    assert "is there but is not OpenSLR's" in str(zeros.value) and "Move it out of the way" in str(zeros.value)
+    assert "is there but is not OpenSLR's" in str(zeros.value)
+    assert "Move it out of the way" in str(zeros.value)
     assert (folder / "librispeech-lexicon.txt").read_bytes() == bytes(len(lexicon))  # the user's file stays
 
 
@@ -1344,7 +1352,8 @@ def test_ablation_refuses_bad_outs_and_typos_and_stores_no_interrupted_row(tmp_p
     ablation.main(["--data", str(train_dir), "--dev", str(dev_dir), "--out", str(out), *row])
     assert "b-no-space" in (out / "results.json").read_text()
     err = capsys.readouterr().err
-    assert "cannot draw" not in err and "pip install matplotlib" in err and "cer.png" not in err.splitlines()[-1]
+    assert "cannot draw" not in err and "pip install matplotlib" in err
+    assert "cer.png" not in err.splitlines()[-1]
 
 
 # --------------------------------------------------------- hostile input, second round
@@ -1380,7 +1389,8 @@ def test_resume_from_an_older_checkpoint_never_rewinds_and_branches_into_a_new_f
     assert "would rewind" in str(rewind.value) and f"'{run}/last.pt'" in str(rewind.value)
     assert "--run-dir" in str(rewind.value)
     assert {p: p.read_bytes() for p in before} == before
-    train.train(["--resume", str(run / "early.pt"), "--run-dir", str(tmp_path / "branch"), "--max-minutes", "60"])
+    train.train(["--resume", str(run / "early.pt"), "--run-dir", str(tmp_path / "branch"),
+                 "--max-minutes", "60"])
     assert {p: p.read_bytes() for p in before} == before  # the original run is untouched
     branch = [json.loads(line) for line in (tmp_path / "branch/metrics.jsonl").read_text().splitlines()]
     assert branch[0]["step"] == 1 and torch.load(tmp_path / "branch/last.pt", weights_only=True)["epoch"] == 2
@@ -1408,7 +1418,8 @@ def test_resume_refuses_changed_data_another_world_size_and_finds_relative_paths
     monkeypatch.setenv("RANK", "0")  # as torchrun sets them
     with pytest.raises(InputError) as size:
         train.train(["--resume", str(tmp_path / "run/last.pt")])
-    assert "trained in 1 processes, this is 2" in str(size.value) and "python train.py --resume" in str(size.value)
+    assert "trained in 1 processes, this is 2" in str(size.value)
+    assert "python train.py --resume" in str(size.value)
     monkeypatch.delenv("RANK")  # a WORLD_SIZE left exported in the shell: not torchrun, one process
     write_librispeech(train_dir, ["abc"], speaker=7)  # one utterance more
     folder = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()}
@@ -1436,7 +1447,8 @@ def test_resume_checks_weights_and_optimizer_before_the_folder_is_touched(tmp_pa
         checkpoint = {k: v for k, v in {**good, **change}.items() if not isinstance(v, str) or v != "delete"}
         torch.save(checkpoint, tmp_path / "run" / f"{name}.pt")
     before = {p: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    for name, problem in [("renamed", "do not fit"), ("optimizer", "do not fit"), ("missing", "lacks rng_cpu")]:
+    cases = [("renamed", "do not fit"), ("optimizer", "do not fit"), ("missing", "lacks rng_cpu")]
+    for name, problem in cases:
         with pytest.raises(InputError) as refused:
             train.train(["--resume", str(tmp_path / "run" / f"{name}.pt")])
         assert problem in str(refused.value), name
@@ -1473,7 +1485,9 @@ def test_a_lexicon_or_lm_that_would_be_read_wrong_is_named(tmp_path):
     (tmp_path / "seven.arpa").write_text(tiny_arpa({"abc": -1}).replace("ngram 2=", "ngram 7=0\nngram 2="))
     cases = [("upper.arpa", "upper.arpa", "is an ARPA language model, not a lexicon: pass it as --lm"),
              (None, "upper.arpa", "is an ARPA language model"),
-             ("seven.arpa", None, "7-gram LM.*lm.py build --order 6"), ("upper.arpa", "lower.txt", "upper case"), (None, "latin1.txt", "latin1.txt:1: not UTF-8"),
+             ("seven.arpa", None, "7-gram LM.*lm.py build --order 6"),
+             ("upper.arpa", "lower.txt", "upper case"),
+             (None, "latin1.txt", "latin1.txt:1: not UTF-8"),
              (None, "binary.txt", "binary"), ("cut.arpa.gz", None, "not a complete gzip file"),
              ("plain.arpa.gz", None, "not a complete gzip file"), ("bom.arpa", None, "byte-order mark")]
     for arpa, lexicon, problem in cases:
@@ -1502,7 +1516,8 @@ def test_manifests_have_two_columns_digits_are_skipped_and_ids_are_unique(tmp_pa
                         tmp_path / "y/same.wav")
     ids = [line.split("\t")[0] for line in result.stdout.splitlines()]
     a = str(tmp_path / "a.flac")  # listed twice: decoded twice, scored once (the digits are not)
-    assert result.returncode == 0 and ids == [a, a + "#2", str(tmp_path / "x/same.wav"), str(tmp_path / "y/same.wav")]
+    assert result.returncode == 0
+    assert ids == [a, a + "#2", str(tmp_path / "x/same.wav"), str(tmp_path / "y/same.wav")]
     assert "(1 utterances with references)" in result.stderr and "digits" in result.stderr
 
 
@@ -1560,7 +1575,8 @@ def test_decode_of_a_best_pt_not_yet_written_points_to_last_pt(tmp_path):
     (tmp_path / "run/last.pt").write_bytes(b"")
     with pytest.raises(SystemExit) as missing:
         decode.main([str(tmp_path / "run/best.pt"), "x.flac"])
-    assert "no evaluation has run yet" in str(missing.value) and str(tmp_path / "run/last.pt") in str(missing.value)
+    assert "no evaluation has run yet" in str(missing.value)
+    assert str(tmp_path / "run/last.pt") in str(missing.value)
 
 
 # ------------------------------------------------------------------------------- plot.py
@@ -1573,7 +1589,8 @@ def test_plot_reads_a_resumed_and_a_killed_run_and_draws_them(tmp_path, capsys):
                {"step": 20, "dev_wer": 40.0, "dev_cer": 20.0, "wall_seconds": 40.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 25, "lo')
     steps, evals = plot.read_metrics(run)
-    assert [r["minutes"] for r in steps] == [0.5, 72 / 60] and [r["minutes"] for r in evals] == [62 / 60, 102 / 60]
+    assert [r["minutes"] for r in steps] == [0.5, 72 / 60]
+    assert [r["minutes"] for r in evals] == [62 / 60, 102 / 60]
     pytest.importorskip("matplotlib")
     plot.main([str(run), str(run / "metrics.jsonl"), "--out", str(tmp_path / "curve.png"), "--x", "steps"])
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -1599,12 +1616,14 @@ class LoudnessModel(torch.nn.Module):
 
     def forward(self, waves, wave_lengths):
         frames = waves.shape[1] // self.samples_per_frame
-        loud = waves[:, :frames * self.samples_per_frame].reshape(len(waves), frames, -1).abs().amax(-1) > 0.01
+        framed = waves[:, :frames * self.samples_per_frame].reshape(len(waves), frames, -1)
+        loud = framed.abs().amax(-1) > 0.01
         symbol = torch.where(loud, data.BLANK, data.CHAR_TO_ID[" "])
         starts = loud & ~torch.nn.functional.pad(loud, (1, 0))[:, :-1]
         ends = loud & ~torch.nn.functional.pad(loud, (0, 1))[:, 1:]
         symbol[starts], symbol[ends & ~starts] = data.CHAR_TO_ID["a"], data.CHAR_TO_ID["b"]
-        log_probs = torch.full((len(waves), frames, len(data.VOCAB)), -30.0).scatter(2, symbol[..., None], 0.0)
+        log_probs = torch.full((len(waves), frames, len(data.VOCAB)), -30.0)
+        log_probs = log_probs.scatter(2, symbol[..., None], 0.0)
         return log_probs, torch.div(wave_lengths, self.samples_per_frame, rounding_mode="floor")
 
 
@@ -1617,12 +1636,14 @@ def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_pa
     beam = functools.partial(decode.beam_search_spans, decode.build_beam_search(None, tmp_path / "words.txt",
                                                                                  10, 1.0, 0.0))
     frame = 1 / 25
-    results = {(chunk, name): decode.transcribe(LoudnessModel(), [wave], torch.device("cpu"), 100, chunk, spans)[0]
+    cpu = torch.device("cpu")
+    results = {(chunk, name): decode.transcribe(LoudnessModel(), [wave], cpu, 100, chunk, spans)[0]
                for chunk in (60.0, 7.0) for name, spans in (("greedy", decode.greedy_spans), ("beam", beam))}
     for (chunk, name), (text, words) in results.items():
         assert text == "ab ab ab ab", (chunk, name)
         for word, (start, end) in zip(words, spoken):
-            assert abs(word["start"] - start) <= frame and abs(word["end"] - end) <= frame, (chunk, name, word)
+            assert abs(word["start"] - start) <= frame, (chunk, name, word)
+            assert abs(word["end"] - end) <= frame, (chunk, name, word)
     assert results[(60.0, "greedy")] == results[(7.0, "greedy")]  # chunked: times from the recording's start
 
 
@@ -1657,7 +1678,8 @@ def test_a_checkpoint_continues_only_its_own_run_and_a_damaged_last_pt_is_named(
     (run / "last.pt").write_bytes(before[run / "last.pt"][:1000])  # damaged
     with pytest.raises(InputError) as damaged:
         train.train(["--resume", str(run / "early.pt")])
-    assert f"{run / 'last.pt'}: not a readable" in str(damaged.value) and "out of the way" in str(damaged.value)
+    assert f"{run / 'last.pt'}: not a readable" in str(damaged.value)
+    assert "out of the way" in str(damaged.value)
     (run / "last.pt").write_bytes(before[run / "last.pt"])
     assert {p: p.read_bytes() for p in run.iterdir() if p.suffix != ".lock"} == before
     train.train(["--resume", str(run / "last.pt"), "--max-minutes", "60"])  # to the end of the run
@@ -1743,7 +1765,8 @@ class RelativeLoudnessModel(LoudnessModel):
     normalized features judges it: on a noise floor alone it spells words."""
 
     def forward(self, waves, wave_lengths):
-        return super().forward(0.02 * waves / waves.abs().amax(1, keepdim=True).clamp(min=1e-12), wave_lengths)
+        peaks = waves.abs().amax(1, keepdim=True).clamp(min=1e-12)
+        return super().forward(0.02 * waves / peaks, wave_lengths)
 
 
 def test_silence_and_near_silence_decode_to_nothing_greedy_or_beam(tmp_path):
@@ -1783,10 +1806,11 @@ def test_decode_decodes_every_recording_whatever_its_transcript_and_counts_what_
                         tmp_path / "odd\tname\nforged.wav", huge, timeout=120)
     assert result.returncode == 0, result.stderr
     ids = [line.split("\t")[0] for line in result.stdout.splitlines()]
-    assert ids == ["digits", "empty", "symbols", "good", "19-198-0000", "untranscribed", "odd\\tname\\nforged",
-                   "huge"]  # one line each; the odd name escaped, not splitting lines
+    assert ids == ["digits", "empty", "symbols", "good", "19-198-0000", "untranscribed",
+                   "odd\\tname\\nforged", "huge"]  # one line each; the odd name escaped, not splitting lines
     assert "(2 utterances with references)" in result.stderr  # good and 19-198-0000
-    assert "not scored" in result.stderr and "digits" in result.stderr and "empty transcript': 2" in result.stderr
+    assert "not scored" in result.stderr and "digits" in result.stderr
+    assert "empty transcript': 2" in result.stderr
     assert "pipe.wav: not a regular file" in result.stderr and "missing.wav: no such file" in result.stderr
     assert "error" not in result.stderr  # a file skipped among others that decode is a warning, exit 0
     assert "2 of 10 recordings could not be decoded" in result.stderr
@@ -1821,6 +1845,9 @@ def test_decode_interrupted_or_cut_off_by_head_ends_without_a_traceback(tmp_path
     assert process.returncode == 1 and "interrupted" in err and "Traceback" not in err, err
     left = [c for c in Path("/proc").glob("[0-9]*/cmdline") if str(tmp_path).encode() in read_or_empty(c)]
     assert not left, "decode.py's workers outlived it"
+    with pytest.raises(SystemExit):
+        decode.main([str(tmp_path / "m.pt"), str(tmp_path / "missing.wav")])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back to a caller in Python
 
 
 def test_decode_names_an_ablation_rows_checkpoint_and_how_to_load_it(tmp_path):
