@@ -3,13 +3,16 @@ ARPA from your own text, or fetch LibriSpeech's official ones.
 
     python lm.py build AN4/train --out AN4/train.3gram.arpa      # from transcripts, 6 s for AN4
     python lm.py build corpus.txt more.tsv --out my.4gram.arpa.gz --order 4
+    python lm.py build books.txt --vocab librispeech-vocab.txt --out books.3gram.arpa   # its words too
     python lm.py librispeech --root .        # -> ./LibriSpeech/lm/3-gram.pruned.1e-7.arpa.gz + lexicon
     python lm.py librispeech --root . --4gram                    # the 1.4 GB 4-gram
 
 build reads LibriSpeech-layout folders (.trans.txt), TSV manifests and plain text files (a
 sentence per line), spells every word as the model does (data.normalize), and writes the ARPA
-file (gzipped if its name ends in .gz) with its words beside it (.lexicon.txt). Everything is
-counted in memory (1.2 GB for 1.4M words). No file it would write may exist already.
+file (gzipped if its name ends in .gz) with its words beside it (.lexicon.txt). --vocab adds
+the words of a list (a word per line) that the text lacks, each with the probability the model
+gives an unseen word, so that a beam search can spell them. Everything is counted in memory
+(1.2 GB for 1.4M words). No file it would write may exist already.
 """
 import argparse
 import collections
@@ -60,11 +63,12 @@ def read_sentences(paths):
                     yield words
 
 
-def kneser_ney(sentences, order):
+def kneser_ney(sentences, order, extra_words=()):
     """Interpolated Kneser-Ney (one discount per order, D = n1 / (n1 + 2 n2) from the counts of
     n-grams seen once and twice) in backoff form: [{ngram: [probability, backoff or None]}].
     p(w | h) = max(c(h w) - D, 0) / c(h) + D * types(h) / c(h) * p(w | h without its first word),
-    and the second term's factor is h's backoff weight, so every history's column sums to 1."""
+    and the second term's factor is h's backoff weight, so every history's column sums to 1.
+    extra_words the text lacks are unigrams counted 0: each gets what <unk> gets."""
     counts = [collections.Counter() for _ in range(order + 1)]
     for words in sentences:
         padded = ("<s>", *words, "</s>")
@@ -78,6 +82,8 @@ def kneser_ney(sentences, order):
         left = collections.Counter(gram[1:] for gram in counts[n + 1])
         counts[n] = collections.Counter({g: c if g[0] == "<s>" else left[g] for g, c in counts[n].items()})
     del counts[1][("<s>",)]  # never predicted; it is only a history
+    unseen = sorted({(word,) for word in extra_words} - counts[1].keys())
+    uniform = 1 / (len(counts[1]) + len(unseen) + 1)  # over the words, </s> and <unk>
     model = [{("<s>",): [0.0, None]}]
     for n in range(1, order + 1):
         ones, twos = (sum(1 for c in counts[n].values() if c == k) for k in (1, 2))
@@ -90,10 +96,10 @@ def kneser_ney(sentences, order):
         lower = model[n - 2] if n > 1 else {}
         grams = model[0] if n == 1 else {}
         for gram, count in counts[n].items():
-            below = lower[gram[1:]][0] if n > 1 else 1 / (len(counts[1]) + 1)  # uniform, <unk> too
+            below = lower[gram[1:]][0] if n > 1 else uniform
             grams[gram] = [(count - discount) / totals[gram[:-1]] + backoff[gram[:-1]] * below, None]
         if n == 1:
-            grams[("<unk>",)] = [backoff[()] / (len(counts[1]) + 1), None]
+            grams.update((gram, [backoff[()] * uniform, None]) for gram in [("<unk>",), *unseen])
         else:
             for history, weight in backoff.items():
                 model[n - 2][history][1] = weight
@@ -127,7 +133,7 @@ def lm_outputs(path):
     return path, path.with_suffix(".lexicon.txt")
 
 
-def build_lm(text_paths, out, order):
+def build_lm(text_paths, out, order, vocab=None):
     """Every file it would write is checked before any work: none may exist, their folder must."""
     taken = [str(p) for p in lm_outputs(out) if p.exists()]
     if taken:
@@ -135,11 +141,12 @@ def build_lm(text_paths, out, order):
                             f"should go, or pick another --out.")
     if not out.parent.is_dir():
         raise DownloadError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    extra_words = [word for words in read_sentences([vocab]) for word in words] if vocab else []
     sentences = list(read_sentences(text_paths))
     if not sentences:
         raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled with a-z and "
                             f"apostrophes (digits and other symbols are dropped); nothing was written")
-    model = kneser_ney(sentences, order)
+    model = kneser_ney(sentences, order, extra_words)
     write_arpa(model, out)
     print(f"{out}: {', '.join(f'{len(grams):,} {n}-grams' for n, grams in enumerate(model, 1))}; "
           f"lexicon {out.with_suffix('.lexicon.txt')}", file=sys.stderr)
@@ -199,6 +206,8 @@ def main(argv=None):
     build.add_argument("--out", type=Path, required=True, help="the ARPA file (and its .lexicon.txt)")
     build.add_argument("--order", type=int, default=3, choices=range(2, 7), metavar="N",
                        help="n of the n-gram LM (2-6: KenLM reads bigrams and longer)")
+    build.add_argument("--vocab", type=Path, help="a word list (a word per line, e.g. LibriSpeech's "
+                       "librispeech-vocab.txt) whose words the LM and its lexicon also hold")
     fetch = commands.add_parser("librispeech", help="LibriSpeech's official LMs (openslr.org/11)")
     fetch.add_argument("--root", default=".", help="the LMs go to <root>/LibriSpeech/lm")
     fetch.add_argument("--4gram", dest="four_gram", action="store_true",
@@ -207,7 +216,7 @@ def main(argv=None):
                        help="another location of the files; they are checked against the official SHA-256s")
     args = parser.parse_args(argv)
     if args.command == "build":
-        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order),
+        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order, args.vocab),
                                 interrupted=f"interrupted; nothing was written to {args.out} (it is written "
                                             f"whole or not at all)")
     else:

@@ -893,6 +893,21 @@ def test_an_lm_built_from_text_loads_in_kenlm_sums_to_one_and_scores_as_kenlm_do
     assert str(out) in str(exists.value) and read_arpa(out) == model
 
 
+def test_lm_build_vocab_adds_the_words_the_text_lacks_at_the_unknown_words_probability(tmp_path):
+    (tmp_path / "book.txt").write_text("fg de abc de\nabc fg\n")
+    (tmp_path / "vocab.txt").write_text("ABC\nGH\nI'D\n")  # a word list as LibriSpeech's: upper case
+    out = tmp_path / "lm.arpa"
+    lm.main(["build", str(tmp_path / "book.txt"), "--vocab", str(tmp_path / "vocab.txt"), "--out", str(out)])
+    assert (tmp_path / "lm.lexicon.txt").read_text() == "abc\ta b c\nde\td e\nfg\tf g\ngh\tg h\ni'd\ti ' d\n"
+    model = read_arpa(out)
+    vocabulary = ["abc", "de", "fg", "gh", "i'd", "</s>", "<unk>"]
+    for history in [(), *(g for g in model if len(g) < 3 and g[-1] != "</s>")]:
+        total = sum(10 ** arpa_log10(model, history, w) for w in vocabulary)
+        assert total == pytest.approx(1, abs=1e-5), history
+    assert arpa_log10(model, ("abc",), "gh") == arpa_log10(model, ("abc",), "<unk>") < arpa_log10(
+        model, ("abc",), "de")
+
+
 def test_a_bad_lm_or_lexicon_is_named_before_any_audio_is_decoded(tmp_path, capsys):
     short = tiny_arpa({"abc": -1}).replace("ngram 1=4", "ngram 1=5")  # one unigram fewer than it says
     files = {"empty.arpa": "", "words.arpa": "hello world\n", "short.arpa": short,
