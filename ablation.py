@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
+import runs
 import train
 from model import TIME_STRIDES, BiGRULayer, CTCModel, ModelConfig, frame_lengths, lengths_mask
 
@@ -198,7 +199,7 @@ def build(name):
     if config is not None:  # the run's flags describe the model it trains, as in any checkpoint
         flagged = {action.dest for action in train.build_parser()._actions}
         for name in (f.name for f in dataclasses.fields(ModelConfig) if f.name in flagged):
-            value, flag = getattr(config, name), train.as_flag(name)
+            value, flag = getattr(config, name), runs.as_flag(name)
             model_flags += ([flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool)
                             else [flag, str(value)])
     return (None if config is None else AblationModel(config)), RECIPE + NO_AVERAGE + model_flags + flags

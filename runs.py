@@ -2,7 +2,7 @@
 
     lock = claim_run_dir(args, resuming_here)              # a new folder, or the resumed one; locked
     save_training_state(run_dir / "last.pt", model, ...)   # whole or not at all
-    checkpoint = load_checkpoint("runs/<run>/last.pt", RESUME_KEYS)   # checked, then check_resumable()
+    args, checkpoint = resume_args(build_parser, argv, args, ...)     # --resume: the run's flags, checked
     model, checkpoint = build_from_checkpoint("runs/<run>/best.pt")   # decode.py
 
 A run folder holds last.pt (every --save-every steps and at the end), best.pt (the best dev WER, ties
@@ -10,6 +10,7 @@ broken by CER), metrics.jsonl (a JSON line per log line and evaluation) and trai
 process). A folder that holds a run is never reused for a new one, and a resume never rewinds one.
 Checkpoints hold only tensors and plain Python types: torch.load(..., weights_only=True) reads them.
 """
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -174,6 +175,38 @@ def build_from_checkpoint(path):
         raise InputError(f"{path}: its model does not fit this code's ({str(e).strip().splitlines()[0]}); "
                          f"use the code that wrote it") from None
     return model, checkpoint
+
+
+def as_flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def resume_args(build_parser, argv, args, may_change, build_model, world_size):
+    """(the run's flags, its checkpoint) for a command line with --resume: the flags the run was
+    started with, plus those argv names among may_change (and --run-dir). A typed flag that would
+    change the run is refused, whatever its value, as is a checkpoint that cannot continue here.
+    args: argv parsed; build_parser() makes the parser; build_model(flags) the run's model."""
+    path = Path(args.resume)
+    path = path / "last.pt" if path.is_dir() else path
+    checkpoint = load_checkpoint(path, RESUME_KEYS, name=f"--resume {path}")
+    parser = build_parser()
+    for action in parser._actions:  # so that only the flags argv names come back, even at their defaults
+        action.default = argparse.SUPPRESS
+    given = {k: getattr(args, k) for k in vars(parser.parse_args(argv)) if k != "resume"}
+    refused = [as_flag(k) for k in given if k not in may_change + ("run_dir",)]
+    if refused:  # silently ignoring them would train something other than what was asked
+        raise InputError(f"--resume continues {path} with the flags it was started with; {' '.join(refused)} "
+                         f"cannot change mid-run (only {' '.join(map(as_flag, may_change))} can). "
+                         f"Drop them, or start a new run with a new --run-dir.")
+    unknown = [as_flag(k) for k in vars(build_parser().parse_args([])) if k not in checkpoint["train_config"]]
+    if unknown:  # train.py has gained flags since: their defaults need not be what that run did
+        raise InputError(f"--resume {path}: written by an older train.py, before {' '.join(unknown)} "
+                         f"existed; continue it with the code that wrote it, or start a new run")
+    saved = argparse.Namespace(**checkpoint["train_config"])
+    run_dir = Path(given.get("run_dir") or path.parent)
+    check_resumable(checkpoint, path, build_model(saved), run_dir, world_size)
+    resumed = {**vars(saved), **given, "resume": str(path), "run_dir": str(run_dir)}
+    return argparse.Namespace(**resumed), checkpoint
 
 
 def check_resumable(checkpoint, path, model, run_dir, world_size):

@@ -98,18 +98,6 @@ def build_parser():
     return p
 
 
-def typed_flags(argv):
-    """{flag: value} for the flags the command line names, even those given their default value."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return vars(parser.parse_args(argv))
-
-
-def as_flag(name):
-    return "--" + name.replace("_", "-")
-
-
 def launched_world_size():
     """The number of training processes: torchrun's WORLD_SIZE, or 1 for a plain `python train.py`."""
     return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
@@ -147,23 +135,9 @@ def resolve_args(argv, log):
             raise InputError("--data and --dev are required (or --resume a run)")
         args.dev = args.dev or []
         return args, None
-    path = Path(args.resume)
-    path = path / "last.pt" if path.is_dir() else path
-    checkpoint = runs.load_checkpoint(path, runs.RESUME_KEYS, name=f"--resume {path}")
-    given = {k: getattr(args, k) for k in typed_flags(argv) if k != "resume"}
-    refused = [as_flag(k) for k in given if k not in RESUME_MAY_CHANGE + ("run_dir",)]
-    if refused:  # silently ignoring them would train something other than what was asked
-        raise InputError(f"--resume continues {path} with the flags it was started with; {' '.join(refused)} "
-                         f"cannot change mid-run (only {' '.join(map(as_flag, RESUME_MAY_CHANGE))} can). "
-                         f"Drop them, or start a new run with a new --run-dir.")
-    unknown = [as_flag(k) for k in vars(build_parser().parse_args([])) if k not in checkpoint["train_config"]]
-    if unknown:  # train.py has gained flags since: their defaults need not be what that run did
-        raise InputError(f"--resume {path}: written by an older train.py, before {' '.join(unknown)} "
-                         f"existed; continue it with the code that wrote it, or start a new run")
-    saved = argparse.Namespace(**checkpoint["train_config"])
-    run_dir = Path(given.get("run_dir") or path.parent)
-    runs.check_resumable(checkpoint, path, CTCModel(model_config(saved)), run_dir, launched_world_size())
-    args = argparse.Namespace(**{**vars(saved), **given, "resume": str(path), "run_dir": str(run_dir)})
+    args, checkpoint = runs.resume_args(build_parser, argv, args, RESUME_MAY_CHANGE,
+                                        lambda saved: CTCModel(model_config(saved)), launched_world_size())
+    path, run_dir = Path(args.resume), Path(args.run_dir)
     try:
         data.device(args.device)
     except argparse.ArgumentTypeError as e:
