@@ -1181,6 +1181,7 @@ def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():
     args = train.build_parser().parse_args(["--warmup-steps", "100"])
     assert train.diagnose(["", ""], [100.0], 50, args) is None            # in warmup
     assert train.diagnose(["", ""], [100.0, 100.0], 200, args) is None   # blank plateau: normal
+    assert train.diagnose(["s", "ss"], [100.0, 96.0], 200, args) is None  # its first letters: normal
     assert "all blank" in train.diagnose(["", ""], [100.0] * 2, 301, args)
     assert "collapsed to 'ht'" in train.diagnose(["ttthhh", "th"], [90.0, 80.0], 400, args)
     stalled = train.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 50.5], 900, args)

@@ -251,9 +251,11 @@ class Evaluation:
 def diagnose(hyps, cer_history, step, args):
     """A plain-words warning when the run looks stuck, or None when it looks healthy."""
     symbols = set("".join(hyps)) - {" "}
-    if step <= args.warmup_steps:
+    # A model leaving the blank plateau first prints blanks, then one or two common letters:
+    # neither means anything until well past the warmup.
+    if step <= 3 * args.warmup_steps:
         return None
-    if not symbols and step > 3 * args.warmup_steps:
+    if not symbols:
         return (f"the output is still all blank at step {step}, more than 3x the warmup "
                 f"(--warmup-steps {args.warmup_steps}). {CAUSES}")
     if 0 < len(symbols) <= 2:
