@@ -34,16 +34,15 @@ from torch import nn
 import data
 import runs
 import train
-from model import TIME_STRIDES, BiGRULayer, CTCModel, ModelConfig, frame_lengths, lengths_mask
+from model import (BLANK, TIME_STRIDES, VOCAB, BiGRULayer, CTCModel, ModelConfig, frame_lengths,
+                   gradient_norms_by_block, greedy_decode, lengths_mask)
 
-# The README's AN4 recipe, less --data/--dev (a test checks that the two agree).
-RECIPE = ["--rnn-layers", "3", "--rnn-hidden", "256", "--time-stride", "4", "--batch-seconds", "100",
-          "--epochs", "36", "--workers", "1", "--lr", "3e-3", "--warmup-steps", "150", "--speed-perturb",
-          "--dropout", "0", "--freq-masks", "0", "--time-masks", "0"]
+# The AN4 recipe: its file, wherever this script is run from.
+RECIPE = [f"@{Path(__file__).resolve().parent / 'recipes' / 'an4.args'}"]
 # Rows are scored on the weights they trained: the table predates train.py's moving average.
 NO_AVERAGE = ["--ema-decay", "0"]
 HIDDEN_UNITS = 2048                  # the reported model's DNN hidden layer
-LETTERS = [data.BLANK] + [data.CHAR_TO_ID[c] for c in data.VOCAB if c.isalpha()]  # no space or '
+LETTERS = [BLANK] + [data.CHAR_TO_ID[c] for c in VOCAB if c.isalpha()]  # no space or '
 IMPOSSIBLE = -1e4                    # log-prob of a symbol the letters-only model lacks (-inf would NaN)
 
 
@@ -129,7 +128,7 @@ class AblationModel(CTCModel):
     def forward(self, waves, wave_lengths):
         log_probs, lengths = super().forward(waves, wave_lengths)
         if self.config.letters_only:  # shown to CTC in the 29-symbol layout, space and ' impossible
-            full = log_probs.new_full((*log_probs.shape[:2], len(data.VOCAB)), IMPOSSIBLE)
+            full = log_probs.new_full((*log_probs.shape[:2], len(VOCAB)), IMPOSSIBLE)
             full[:, :, LETTERS] = log_probs
             log_probs = full
         mistake = self.config.ctc_lengths
@@ -262,9 +261,9 @@ def inspect(model, dev_paths, samples=2):
         for batch in filter(None, map(lambda b: data.collate([dataset[i] for i in b]), batches)):
             log_probs, lengths = model(batch["waves"], batch["wave_lengths"])
             inside = lengths_mask(lengths.clamp(max=log_probs.shape[1]), log_probs.shape[1])
-            blank += int(((log_probs.argmax(-1) == data.BLANK) & inside).sum())
+            blank += int(((log_probs.argmax(-1) == BLANK) & inside).sum())
             frames += int(inside.sum())
-            hyps += train.decode.greedy_decode(log_probs, lengths)
+            hyps += greedy_decode(log_probs, lengths)
             refs, ids = refs + batch["texts"], ids + batch["ids"]
     for hook in hooks:
         hook.remove()
@@ -273,11 +272,11 @@ def inspect(model, dev_paths, samples=2):
     log_probs, lengths = model(batch["waves"], batch["wave_lengths"])
     model.zero_grad()
     F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths.clamp(max=log_probs.shape[1]),
-               batch["target_lengths"], blank=data.BLANK, zero_infinity=True).backward()
-    norms = train.gradient_norms_by_block(model)
+               batch["target_lengths"], blank=BLANK, zero_infinity=True).backward()
+    norms = gradient_norms_by_block(model)
     model.zero_grad()
-    wer, _ = train.decode.error_rates(refs, hyps)
-    _, letter_cer = train.decode.error_rates(*(["".join(filter(str.isalpha, t)) for t in texts]
+    wer, _ = data.error_rates(refs, hyps)
+    _, letter_cer = data.error_rates(*(["".join(filter(str.isalpha, t)) for t in texts]
                                                for texts in (refs, hyps)))
     n, total, squares = sums.T
     std = ((squares - total ** 2 / n) / n).clamp(min=0).sqrt()
@@ -415,11 +414,11 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", required=True, help="training corpora, as train.py takes them")
     p.add_argument("--dev", nargs="+", required=True, help="dev corpora: every row is scored on them")
     p.add_argument("--out", type=Path, required=True, help="folder for the tables, figure and row runs")
-    p.add_argument("--minutes", type=data.in_range(float, 0, low_open=True), default=None,
+    p.add_argument("--minutes", type=runs.in_range(float, 0, low_open=True), default=None,
                    help="training minutes per row (default 4, --quick 1.5)")
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_ROWS)}")
     p.add_argument("--rows", nargs="+", metavar="ROW", help=f"only these, of: {', '.join(keys)}")
-    p.add_argument("--eval-every", type=data.in_range(int, 1), default=25, help="steps between dev scores")
+    p.add_argument("--eval-every", type=runs.in_range(int, 1), default=25, help="steps between dev scores")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for key in set(args.rows or []) - set(keys):
@@ -487,7 +486,7 @@ def run_table(args, chosen, keys):
         print(f"{key}: {verdict}", file=sys.stderr)
         results = [done[k] for k in keys if k in done]
         table = json.dumps({**settings, "rows": results}, indent=1).encode()
-        data.write_atomically(results_file, lambda f: f.write(table))
+        runs.write_atomically(results_file, lambda f: f.write(table))
         write_table(results, args.minutes, args.out)
         drawn = plot(results, args.out)
     print(", ".join(str(args.out / name) for name in ["table.md"] + ["cer.png"] * drawn), file=sys.stderr)

@@ -1,20 +1,20 @@
-"""Corpus, text, audio and batches; and what every script shares: the error users see (InputError),
-flag types, atomic file writes. download.py gets the corpora.
+"""Corpora, text, audio, batches and the error rates they are scored by; and the error users see
+(InputError). download.py gets the corpora. Imports only model.py: with it, this file works alone.
 
     corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])
     batches = BucketBatches([u["seconds"] for u in corpus], batch_seconds=800, seed=0)
+    loader = batch_loader(corpus, batches, workers=2, pin_memory=False)   # padded batches
+    wer, cer = error_rates(references, hypotheses)                        # corpus-level, in %
 
 A corpus is a LibriSpeech-layout directory (<root>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
 with the .flac files beside it) or a TSV manifest (audio path<TAB>transcript, paths relative to
 the manifest). Utterances are batched by total padded audio seconds from length-sorted
 buckets; the batch order is reshuffled every epoch from (seed, epoch), so it can be replayed.
 """
-import argparse
 import collections
 import contextlib
 import hashlib
 import json
-import math
 import os
 import signal
 import stat
@@ -27,10 +27,8 @@ import soundfile
 import torch
 import torchaudio
 
-from model import SAMPLE_RATE, WINDOW  # the model computes features at this rate, in such windows
+from model import SAMPLE_RATE, VOCAB, WINDOW  # the model's input rate and window, its output symbols
 
-VOCAB = ["_", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]  # "_" is the blank
-BLANK = 0                                                   # CTCLoss(blank=0)
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
 AUDIO_SUFFIXES = (".flac", ".wav")  # the one rule everywhere: these are audio, any other file a manifest
 TOO_SHORT = f"shorter than one analysis window ({1000 * WINDOW // SAMPLE_RATE} ms)"
@@ -49,50 +47,6 @@ class InputError(Exception):
     """Bad input the user can fix (a flag, a corpus, a checkpoint, an LM file, a diverged run's settings):
     the message names it and says what to do. Helpers raise it; each script's main() prints it as
     'error: ...' and exits with status 1."""
-
-
-def write_atomically(path, write):
-    """Write a file whole or not at all: write(f) fills a temporary file beside path (binary), which is
-    flushed to disk and renamed over it; a crash or kill mid-write leaves the old file as it was."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # the pid: two processes may write one file
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def in_range(kind, low, high=math.inf, low_open=False):
-    """An argparse type for train.py's and decode.py's flags: a number in [low, high), or (low, high)."""
-    def parse(text):
-        value = kind(text)
-        if not (low < value if low_open else low <= value) or not value < high:  # NaN fails too
-            bounds = f"{'(' if low_open else '['}{low}, {high})"
-            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
-        return value
-    return parse
-
-
-def device(text):
-    """An argparse type: a torch device that exists here, checked before anything is written."""
-    try:
-        parsed = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that PyTorch can use; "
-                                         f"use --device cpu")
-    return text
 
 
 def normalize(text):
@@ -221,7 +175,9 @@ def audio_info(paths):
     if changed:
         try:  # a cache we cannot write only costs time on the next start
             cache_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(cache_file, lambda f: f.write(json.dumps(cache).encode()))
+            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)  # whole or not at all: another start may read it meanwhile
         except OSError:
             pass
     return info
@@ -460,3 +416,29 @@ class BucketBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter(self.epoch_order()[self.start:])
+
+
+
+# ------------------------------------------------------------------------------ error rates
+def edit_distance(ref, hyp):
+    """Levenshtein distance between two sequences, one numpy row at a time."""
+    ref, hyp = list(ref), list(hyp)
+    if not ref or not hyp:
+        return len(ref) + len(hyp)
+    positions = np.arange(len(hyp) + 1)
+    row = positions.copy()
+    for r in ref:
+        substitute = row[:-1] + np.array([r != h for h in hyp])
+        candidates = np.concatenate([[row[0] + 1], np.minimum(substitute, row[1:] + 1)])
+        # An insertion moves one cell right at cost 1: cur[j] = min_k<=j cand[k] + (j - k).
+        row = np.minimum.accumulate(candidates - positions) + positions
+    return int(row[-1])
+
+
+def error_rates(refs, hyps):
+    """Corpus WER and CER: total edits over total reference words (characters), in percent."""
+    word_edits = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
+    char_edits = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
+    words = sum(len(r.split()) for r in refs)
+    chars = sum(len(r) for r in refs)
+    return 100.0 * word_edits / max(words, 1), 100.0 * char_edits / max(chars, 1)

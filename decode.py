@@ -1,4 +1,5 @@
-"""Greedy or beam-search CTC decoding and corpus-level WER/CER.
+"""Transcribe recordings with a trained model: greedy or beam-search CTC decoding, word times,
+and corpus-level WER/CER when the inputs have transcripts.
 
     python decode.py runs/<run>/best.pt file.flac                  # prints the transcript
     python decode.py runs/<run>/best.pt LibriSpeech/test-clean     # id<TAB>hypothesis lines,
@@ -28,61 +29,23 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import data
 import runs
 from data import InputError
-from model import FRAMES_PER_SECOND, HOP, SAMPLE_RATE, WINDOW, lengths_mask
+from model import BLANK, FRAMES_PER_SECOND, HOP, SAMPLE_RATE, VOCAB, WINDOW, greedy_spans, lengths_mask
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
 WINDOW_BATCHES = 32   # inputs are sorted by length this many batches at a time, then written in order
 # The decoder's names for our symbols: the blank stays "_", the space is its word boundary "|".
-TOKENS = ["|" if symbol == " " else symbol for symbol in data.VOCAB]
+TOKENS = ["|" if symbol == " " else symbol for symbol in VOCAB]
 # Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
 BEAM_DEFAULTS = {"beam_size": 100, "lm_weight": 1.5, "word_score": 0.5}
 KENLM_MAX_ORDER = 6  # flashlight-text's KenLM is built with the default KENLM_MAX_ORDER
 # Past a few thousand hypotheses a wider beam only costs memory (1e9 took 24 GB before it was
 # killed); LibriSpeech recipes search with beams of 50-1,500.
 MAX_BEAM = 10_000
-
-
-def greedy_spans(log_probs, out_lengths):
-    """Per utterance, the best path (argmax per frame, repeats collapsed, blanks dropped, up to
-    each output length) as [(symbol, first frame, last frame)]. A letter repeated with a blank
-    between ("l _ l") stays double."""
-    best = log_probs.argmax(-1).cpu()
-    new_symbol = torch.ones_like(best, dtype=torch.bool)
-    new_symbol[:, 1:] = best[:, 1:] != best[:, :-1]
-    spans = []
-    for row, starts, length in zip(best, new_symbol, out_lengths.tolist()):
-        first = starts[:length].nonzero()[:, 0]
-        last = torch.cat([first[1:], torch.tensor([length])]) - 1
-        symbols = row[first].tolist()
-        spans.append([(data.VOCAB[s], f, e) for s, f, e in zip(symbols, first.tolist(), last.tolist())
-                      if s != data.BLANK])
-    return spans
-
-
-def greedy_decode(log_probs, out_lengths):
-    """The best path's text; doubled or leading spaces, which a best path can hold, squeezed."""
-    paths = greedy_spans(log_probs, out_lengths)
-    return [" ".join("".join(symbol for symbol, _, _ in spans).split()) for spans in paths]
-
-
-def greedy_corpus(model, batches, device, bf16=False):
-    """(references, greedy hypotheses) over batches from data.collate; a None batch (only unusable
-    files) is passed over. The model is scored in eval mode and left in the mode it was in."""
-    refs, hyps, training = [], [], model.training
-    model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch in filter(None, batches):
-            log_probs, out_lengths = model(batch["waves"].to(device), batch["wave_lengths"])
-            hyps += greedy_decode(log_probs, out_lengths)
-            refs += batch["texts"]
-    model.train(training)
-    return refs, hyps
 
 
 def read_lm_words(path):
@@ -173,7 +136,7 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
         try:
             return ctc_decoder(str(lexicon_file), TOKENS, lm=str(lm) if lm else None, beam_size=beam_size,
                                lm_weight=lm_weight, word_score=word_score,
-                               blank_token=data.VOCAB[data.BLANK], sil_token="|")
+                               blank_token=VOCAB[BLANK], sil_token="|")
         except RuntimeError as e:  # KenLM's message says what it could not parse
             raise InputError(f"{lm}: KenLM cannot load it: {' '.join(str(e).split())[:400]}") from None
 
@@ -195,7 +158,7 @@ def beam_search_spans(decoder, log_probs, out_lengths):
         tokens, times = (nbest[0].tokens.tolist(), nbest[0].timesteps.tolist()) if nbest else ([], [])
         kept, words = [], 0
         # Flashlight counts frames from 1: its step 0 is the start of the search, before any frame.
-        for symbol, frame in ((data.VOCAB[t], f - 1) for t, f in zip(tokens, times) if t != data.BLANK):
+        for symbol, frame in ((VOCAB[t], f - 1) for t, f in zip(tokens, times) if t != BLANK):
             if words == len(nbest[0].words):  # the path may end inside a word it never finished
                 break
             words += symbol == " " and bool(kept) and kept[-1][0] != " "
@@ -217,30 +180,6 @@ def words_with_times(spans, seconds_per_frame, offset=0.0):
                           "end": round(offset + (letters[-1][2] + 1) * seconds_per_frame, 3)})
             letters = []
     return words
-
-
-def edit_distance(ref, hyp):
-    """Levenshtein distance between two sequences, one numpy row at a time."""
-    ref, hyp = list(ref), list(hyp)
-    if not ref or not hyp:
-        return len(ref) + len(hyp)
-    positions = np.arange(len(hyp) + 1)
-    row = positions.copy()
-    for r in ref:
-        substitute = row[:-1] + np.array([r != h for h in hyp])
-        candidates = np.concatenate([[row[0] + 1], np.minimum(substitute, row[1:] + 1)])
-        # An insertion moves one cell right at cost 1: cur[j] = min_k<=j cand[k] + (j - k).
-        row = np.minimum.accumulate(candidates - positions) + positions
-    return int(row[-1])
-
-
-def error_rates(refs, hyps):
-    """Corpus WER and CER: total edits over total reference words (characters), in percent."""
-    word_edits = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
-    char_edits = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
-    words = sum(len(r.split()) for r in refs)
-    chars = sum(len(r) for r in refs)
-    return 100.0 * word_edits / max(words, 1), 100.0 * char_edits / max(chars, 1)
 
 
 def split_chunks(wave, chunk_seconds):
@@ -376,13 +315,13 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="best.pt or last.pt written by train.py")
     parser.add_argument("inputs", nargs="+", help="audio files, directories or TSV manifests")
-    finite = data.in_range(float, -math.inf, low_open=True)
-    parser.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-seconds", type=data.in_range(float, 0, low_open=True), default=300.0,
+    finite = runs.in_range(float, -math.inf, low_open=True)
+    parser.add_argument("--device", type=runs.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-seconds", type=runs.in_range(float, 0, low_open=True), default=300.0,
                         help="padded audio per batch")
-    parser.add_argument("--chunk-seconds", type=data.in_range(float, SEARCH_SECONDS, 86400, low_open=True),
+    parser.add_argument("--chunk-seconds", type=runs.in_range(float, SEARCH_SECONDS, 86400, low_open=True),
                         default=30.0, help="longer audio is decoded in chunks cut at pauses")
-    parser.add_argument("--workers", type=data.in_range(int, 0), default=1, help="processes reading audio")
+    parser.add_argument("--workers", type=runs.in_range(int, 0), default=1, help="processes reading audio")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast; default: on for CUDA only (on a CPU with AVX512-BF16 it is "
                              "1.4x faster but moved AN4 test WER by 0.4 points: RESULTS.md)")
@@ -392,7 +331,7 @@ def build_parser():
     beam.add_argument("--lm", type=Path, help="word n-gram LM: ARPA (.arpa, .arpa.gz) or KenLM binary")
     beam.add_argument("--lexicon", type=Path, help="the words it may output, the first on each line "
                                                    "(default: the LM's words)")
-    beam.add_argument("--beam-size", type=data.in_range(int, 1, MAX_BEAM + 1),
+    beam.add_argument("--beam-size", type=runs.in_range(int, 1, MAX_BEAM + 1),
                       help=f"default {BEAM_DEFAULTS['beam_size']}, at most {MAX_BEAM:,}")
     beam.add_argument("--lm-weight", type=finite, help=f"default {BEAM_DEFAULTS['lm_weight']}")
     beam.add_argument("--word-score", type=finite, help=f"per word; default {BEAM_DEFAULTS['word_score']}")
@@ -431,7 +370,7 @@ def decode_inputs(args):
     if failed == len(utterances):
         raise InputError("nothing was decoded")
     if scored:
-        wer, cer = error_rates(*zip(*scored))
+        wer, cer = data.error_rates(*zip(*scored))
         print(f"WER {wer:.2f}%  CER {cer:.2f}%  ({len(scored)} utterances with references)", file=sys.stderr)
     if failed or unusable:
         print(f"warning: {failed} of {len(utterances)} recordings could not be decoded"

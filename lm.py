@@ -24,7 +24,8 @@ from pathlib import Path
 
 import download
 from download import DownloadError
-from data import files_under, normalize, write_atomically
+from data import files_under, normalize
+from runs import write_atomically
 
 
 def unreadable_folder(reason, folder):

@@ -1,14 +1,17 @@
-"""The acoustic model: padded 16 kHz waveforms + lengths -> CTC log-probabilities + lengths.
+"""The acoustic model: padded 16 kHz waveforms + lengths -> CTC log-probabilities + lengths, and
+what those mean (VOCAB, greedy decoding).
 
     model = CTCModel(ModelConfig())
     log_probs, out_lengths = model(waves, wave_lengths)   # (B, T, vocab), (B,)
+    texts = greedy_decode(log_probs, out_lengths)         # ["hello world", ...]
 
 Read top to bottom, this file is the whole path from samples to the CTC loss input:
 (speed perturbation, training only) -> log-mel -> per-utterance normalization -> frequency warp
 and SpecAugment (training only) ->
 2-D conv with a time stride -> bidirectional GRU -> linear -> log_softmax. Features live inside
 the model so that training and decoding cannot disagree on them. Every step is
-padding-invariant: an utterance gets the same output alone and inside a padded batch.
+padding-invariant: an utterance gets the same output alone and inside a padded batch. Imports
+only torch and torchaudio: this file works alone.
 """
 from dataclasses import dataclass
 
@@ -17,6 +20,9 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
+# The output symbols: index 0 is CTC's blank ("_"), then space, apostrophe and a-z.
+VOCAB = ["_", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+BLANK = 0                            # CTCLoss(blank=0)
 SAMPLE_RATE = 16000
 WINDOW = 400                         # 25 ms analysis window
 HOP = 160                            # 10 ms hop
@@ -33,7 +39,7 @@ SPEEDS = (0.9, 1.0, 1.1)             # speed perturbation's factors (Ko et al. 2
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 29             # blank, space, apostrophe, a-z (data.VOCAB)
+    vocab_size: int = len(VOCAB)
     n_mels: int = 80
     time_stride: int = 2             # output frames/s = FRAMES_PER_SECOND / time_stride
     conv_channels: int = 32
@@ -223,3 +229,44 @@ class CTCModel(nn.Module):
             x = layer(self.dropout(x) if i > 0 else x, lengths)
         logits = self.output(self.dropout(x))
         return F.log_softmax(logits.float(), dim=-1), self.output_lengths(wave_lengths)
+
+
+
+# ---------------------------------------------------------------- what the log-probs mean
+def greedy_spans(log_probs, out_lengths):
+    """Per utterance, the best path (argmax per frame, repeats collapsed, blanks dropped, up to
+    each output length) as [(symbol, first frame, last frame)]. A letter repeated with a blank
+    between ("l _ l") stays double."""
+    best = log_probs.argmax(-1).cpu()
+    new_symbol = torch.ones_like(best, dtype=torch.bool)
+    new_symbol[:, 1:] = best[:, 1:] != best[:, :-1]
+    spans = []
+    for row, starts, length in zip(best, new_symbol, out_lengths.tolist()):
+        first = starts[:length].nonzero()[:, 0]
+        last = torch.cat([first[1:], torch.tensor([length])]) - 1
+        symbols = row[first].tolist()
+        spans.append([(VOCAB[s], f, e) for s, f, e in zip(symbols, first.tolist(), last.tolist())
+                      if s != BLANK])
+    return spans
+
+
+def greedy_decode(log_probs, out_lengths):
+    """The best path's text; doubled or leading spaces, which a best path can hold, squeezed."""
+    paths = greedy_spans(log_probs, out_lengths)
+    return [" ".join("".join(symbol for symbol, _, _ in spans).split()) for spans in paths]
+
+
+def gradient_norms_by_block(model):
+    """Gradient norm of the front end, each GRU layer and the output layer. A block near zero
+    (vanishing) or far above the others (exploding) shows where to look."""
+    blocks = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            kind, index = name.split(".")[:2]  # layers.2.forward_gru.weight_hh_l0: GRU layer 2
+            block = "front end"
+            if kind == "layers":
+                block = f"rnn{index}"
+            elif kind == "output":
+                block = "output"
+            blocks[block] = blocks.get(block, 0.0) + p.grad.detach().float().pow(2).sum()
+    return {block: round(float(total) ** 0.5, 4) for block, total in blocks.items()}

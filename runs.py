@@ -1,4 +1,5 @@
-"""The run folder: what train.py keeps on disk, and the checks that keep it safe.
+"""The run folder: what train.py keeps on disk, the checks that keep it safe, and what decode.py
+needs of it. Also the flag types both commands share, and whole-or-nothing file writes.
 
     lock = claim_run_dir(args, resuming_here)              # a new folder, or the resumed one; locked
     save_training_state(run_dir / "last.pt", model, ...)   # whole or not at all
@@ -23,13 +24,13 @@ import secrets
 import shlex
 import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from data import VOCAB, InputError, write_atomically
-from model import CTCModel, ModelConfig
+from data import InputError
+from model import VOCAB, CTCModel, ModelConfig
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 MODEL_KEYS = ("model_config", "model", "vocab")       # what rebuilds the model
@@ -38,10 +39,64 @@ RESUME_KEYS = MODEL_KEYS + ("train_config", "optimizer", "step", "epoch", "batch
 
 
 def resume_command(checkpoint, world_size):
-    """The command that continues a run from this checkpoint, ready to paste."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # set by torchrun
-    nodes = f"torchrun --nnodes={world_size // per_node} --nproc_per_node={per_node}"
-    return f"{'python' if world_size == 1 else nodes} train.py --resume {shlex.quote(str(checkpoint))}"
+    """The command that continues a run of world_size processes from this checkpoint, ready to paste:
+    on one machine (torchrun --standalone: a free port, so that two runs can train side by side). Runs
+    over several machines are launched by hand, and resumed the same way with --resume."""
+    launcher = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size}"
+    return f"{launcher} train.py --resume {shlex.quote(str(checkpoint))}"
+
+
+def saved_world_size(checkpoint_path):
+    """The number of processes the run of this last.pt trained in (1 if it cannot be read)."""
+    try:
+        return int(torch.load(checkpoint_path, map_location="cpu", weights_only=True)["world_size"])
+    except Exception:  # a damaged file is named by the resume itself
+        return 1
+
+
+# ------------------------------------------------------------- flags and files both commands share
+def write_atomically(path, write):
+    """Write a file whole or not at all: write(f) fills a temporary file beside path (binary), which is
+    flushed to disk and renamed over it; a crash or kill mid-write leaves the old file as it was."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # the pid: two processes may write one file
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def in_range(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a number in [low, high), or (low, high)."""
+    def parse(text):
+        value = kind(text)
+        if not (low < value if low_open else low <= value) or not value < high:  # NaN fails too
+            bounds = f"{'(' if low_open else '['}{low}, {high})"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+    return parse
+
+
+def device(text):
+    """An argparse type: a torch device that exists here, checked before anything is written."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that PyTorch can use; "
+                                         f"use --device cpu")
+    return text
 
 
 # ------------------------------------------------------------------------------ the folder
@@ -53,14 +108,31 @@ def check_run_dir(run_dir, resuming_here):
     run_dir = Path(run_dir)
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if held and not resuming_here:
-        advice = (f"Continue it with\n  {resume_command(run_dir / 'last.pt', 1)}\nor" if "last.pt" in held
-                  else "It holds no checkpoint (it stopped before its first save): remove it, or")
+        last = run_dir / "last.pt"
+        if in_use(run_dir):  # advice to remove it would delete a live run
+            advice = f"A training process is using it now ({run_dir / 'train.lock'}): let it be, or"
+        elif "last.pt" in held:
+            advice = f"Continue it with\n  {resume_command(last, saved_world_size(last))}\nor"
+        else:
+            advice = "It holds no checkpoint (it stopped before its first save): remove it, or"
         raise InputError(f"{run_dir} already holds a run ({', '.join(held)}). {advice} start a new run "
                          f"with another --run-dir.")
     nearest = next(p for p in [run_dir, *run_dir.parents] if p.exists())
     if not nearest.is_dir() or not os.access(nearest, os.W_OK):
         raise InputError(f"--run-dir {run_dir}: cannot write there ({nearest} is not a writable folder); "
                          f"pick another --run-dir")
+
+
+def in_use(run_dir):
+    """Whether a live process holds run_dir's train.lock (a kill -9 leaves it free)."""
+    try:
+        with open(Path(run_dir) / "train.lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file, or not readable: no live run we can see
+        return False
+    return False
 
 
 def new_run_dir():
@@ -261,6 +333,16 @@ def check_same_run(checkpoint, path, held, world_size):
 
 
 # -------------------------------------------------------------------------- training state
+@dataclass
+class Progress:
+    """How far a run is, saved in each checkpoint and continued by a resume."""
+    step: int = 0                   # optimizer steps taken (skipped batches count too)
+    epoch: int = 0
+    batch_in_epoch: int = 0         # batches of this epoch done: a resume replays the rest
+    best_wer: float = math.inf      # the best dev WER so far, and its CER (best.pt)
+    best_cer: float = math.inf
+
+
 def new_run_id():
     """A run's identity, kept by its resumes in its folder: a checkpoint continues only its own run."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
@@ -287,20 +369,18 @@ def check_same_data(checkpoint, path, identity):
 def save_training_state(path, model, average, optimizer, progress, args, world_size, identity):
     """A checkpoint: the model to evaluate and decode ("model": the moving average where there is one)
     and all a resume continues from: "trained_model" (what AdamW trains), optimizer, progress, flags;
-    identity: {"run_id", "train_set", "dev_set"}."""
-    step, epoch, batch_in_epoch, (best_wer, best_cer) = progress
+    progress: a Progress; identity: {"run_id", "train_set", "dev_set"}."""
     save_checkpoint({
         **model_checkpoint(average or model, VOCAB), "train_config": vars(args),
         **({"trained_model": model.state_dict()} if average else {}),
-        "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-        "best_wer": best_wer, "best_cer": best_cer, "rng_cpu": torch.get_rng_state(),
+        "optimizer": optimizer.state_dict(), **asdict(progress), "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         "world_size": world_size, **identity}, path)
 
 
 def restore_training_state(checkpoint, model, average, optimizer, device):
     """Put a checked checkpoint's weights, average, optimizer and random state back; returns its
-    progress: (step, epoch, batch in epoch, (best dev WER, its CER))."""
+    Progress."""
     model.load_state_dict(checkpoint["trained_model"] if average else checkpoint["model"])
     if average:
         average.load_state_dict(checkpoint["model"])
@@ -308,5 +388,5 @@ def restore_training_state(checkpoint, model, average, optimizer, device):
     torch.set_rng_state(checkpoint["rng_cpu"])
     if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
         torch.cuda.set_rng_state(checkpoint["rng_cuda"])
-    return (checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
-            (checkpoint["best_wer"], checkpoint["best_cer"]))
+    return Progress(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
+                    checkpoint["best_wer"], checkpoint["best_cer"])

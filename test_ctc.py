@@ -36,7 +36,7 @@ import download
 import lm
 import plot
 import train
-from model import TIME_STRIDES, CTCModel, ModelConfig
+from model import BLANK, TIME_STRIDES, CTCModel, ModelConfig, greedy_decode, greedy_spans
 from data import InputError
 from runs import build_from_checkpoint, model_checkpoint
 
@@ -98,7 +98,7 @@ def train_flags(train_dir, dev_dir, run_dir, *extra):
 
 
 def independent_distance(a, b):
-    """Plain dynamic-programming Levenshtein, written separately from decode.edit_distance."""
+    """Plain dynamic-programming Levenshtein, written separately from data.edit_distance."""
     previous = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         current = [i]
@@ -142,7 +142,7 @@ def letter_frames(*frames):
     for t, frame in enumerate(frames):
         for symbol, p in frame.items():
             probs[t, data.CHAR_TO_ID[symbol]] = p
-        probs[t, data.BLANK] += 1 - float(probs[t].sum())
+        probs[t, BLANK] += 1 - float(probs[t].sum())
     return probs.log()[None]
 
 
@@ -220,7 +220,7 @@ def an4_archive(tmp_path):
 
 # ---------------------------------------------------------------------- text and scoring
 def test_vocabulary_has_blank_first_then_space_apostrophe_letters():
-    assert data.VOCAB[data.BLANK] == data.VOCAB[0] and len(data.VOCAB) == 29
+    assert data.VOCAB[BLANK] == data.VOCAB[0] and len(data.VOCAB) == 29
     assert data.VOCAB[1:3] == [" ", "'"] and "".join(data.VOCAB[3:]) == "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -235,15 +235,15 @@ def test_greedy_collapses_repeats_but_keeps_a_double_letter_split_by_blank():
     h, e, l, o, b = (data.CHAR_TO_ID[c] for c in "helo_")
     frames = [[h, h, e, b, l, l, b, l, o, o, b], [l, b, l, l, o, b, b, b, b, h, h]]
     log_probs = torch.nn.functional.one_hot(torch.tensor(frames), len(data.VOCAB)).float().log()
-    assert decode.greedy_decode(log_probs, torch.tensor([11, 5])) == ["hello", "llo"]
+    assert greedy_decode(log_probs, torch.tensor([11, 5])) == ["hello", "llo"]
 
 
 def test_error_rates_are_corpus_level_edits_over_reference_length():
-    assert decode.edit_distance("kitten", "sitting") == 3
-    assert decode.edit_distance("", "abc") == 3 and decode.edit_distance("abc", "abc") == 0
-    assert decode.edit_distance("the cat sat".split(), "the bat sat down".split()) == 2
+    assert data.edit_distance("kitten", "sitting") == 3
+    assert data.edit_distance("", "abc") == 3 and data.edit_distance("abc", "abc") == 0
+    assert data.edit_distance("the cat sat".split(), "the bat sat down".split()) == 2
     # 1 word edit in 4 words + 0 edits in 1 word = 20% (the mean of per-utterance WERs is 12.5%)
-    wer, cer = decode.error_rates(["a b c d", "e"], ["a x c d", "e"])
+    wer, cer = data.error_rates(["a b c d", "e"], ["a x c d", "e"])
     assert wer == pytest.approx(20.0)
     assert cer == pytest.approx(100 * 1 / 8)
 
@@ -428,14 +428,14 @@ def test_the_moving_average_is_what_is_evaluated_saved_and_decoded(tmp_path):
     hyps = [text for text, _ in decode.transcribe(model.eval(), [data.load_audio(p) for p in paths],
                                                   torch.device("cpu"), 60, 30)]
     refs = [line.split(" ", 1)[1].strip().lower() for line in next(dev_dir.rglob("*.trans.txt")).open()]
-    assert logged[-1]["dev_wer"] == pytest.approx(decode.error_rates(refs, hyps)[0])
+    assert logged[-1]["dev_wer"] == pytest.approx(data.error_rates(refs, hyps)[0])
 
 
 def test_best_pt_has_the_best_dev_wer_and_a_tie_goes_to_the_better_cer(tmp_path, monkeypatch):
     train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
     # Scripted dev scores (WER, CER) for the evaluations, then worse ones.
     scores = iter([(60.0, 30.0), (50.0, 30.0), (50.0, 20.0), (50.0, 25.0), (55.0, 10.0)])
-    monkeypatch.setattr(decode, "error_rates", lambda refs, hyps: next(scores, (90.0, 90.0)))
+    monkeypatch.setattr(data, "error_rates", lambda refs, hyps: next(scores, (90.0, 90.0)))
     train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "3", "--eval-every", "1"))
     evaluations = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in evaluations if "dev_wer" in r]
@@ -481,7 +481,7 @@ def test_decode_scores_equal_an_independent_scorer():
     words = ["a", "the", "cat", "sat", "on", "mat", "it's"]
     refs = [" ".join(rng.choice(words, size=rng.integers(1, 12))) for _ in range(50)]
     hyps = [" ".join(rng.choice(words, size=rng.integers(0, 12))) for _ in range(50)]
-    wer, cer = decode.error_rates(refs, hyps)
+    wer, cer = data.error_rates(refs, hyps)
     word_edits = sum(independent_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
     char_edits = sum(independent_distance(r, h) for r, h in zip(refs, hyps))
     assert wer == pytest.approx(100 * word_edits / sum(len(r.split()) for r in refs))
@@ -505,11 +505,11 @@ def test_a_small_model_learns_to_read_tone_bursts(tmp_path, precision):
     model, _ = build_from_checkpoint(tmp_path / "run/best.pt")
     waves = [data.load_audio(p) for p in sorted(test_dir.rglob("*.flac"))]
     hyps = [text for text, _ in decode.transcribe(model.eval(), waves, torch.device("cpu"), 60, 30)]
-    assert decode.error_rates(test_texts, hyps)[1] < 10.0, list(zip(test_texts, hyps))[:5]
+    assert data.error_rates(test_texts, hyps)[1] < 10.0, list(zip(test_texts, hyps))[:5]
     # A recording longer than a chunk is cut in pauses, decoded piece by piece, joined in order.
     long_wave = torch.cat(waves[:12])
     joined = decode.transcribe(model, [long_wave], torch.device("cpu"), 60, chunk_seconds=3.0)[0][0]
-    assert decode.error_rates(["".join(test_texts[:12])], [joined.replace(" ", "")])[1] < 10.0
+    assert data.error_rates(["".join(test_texts[:12])], [joined.replace(" ", "")])[1] < 10.0
 
 
 # --------------------------------------------------------- bad input and interruptions
@@ -842,7 +842,7 @@ def test_a_ten_minute_recording_is_decoded_in_chunks_cut_at_pauses():
 def test_an_lm_fixes_a_spelling_the_acoustics_alone_get_wrong(tmp_path):
     log_probs = letter_frames({"c": 0.9}, {}, {"o": 0.5, "a": 0.4}, {}, {"t": 0.9})
     lengths = torch.tensor([log_probs.shape[1]])
-    assert decode.greedy_decode(log_probs, lengths) == ["cot"]
+    assert greedy_decode(log_probs, lengths) == ["cot"]
     (tmp_path / "words.txt").write_text("cat\tc a t\ncot\tc o t\n")
     (tmp_path / "lm.arpa").write_text(tiny_arpa({"cat": -0.1, "cot": -2.0}))
     settings = {"beam_size": 10, "lm_weight": 1.0, "word_score": 0.0}
@@ -861,7 +861,7 @@ def test_lexicon_constrained_output_is_always_in_the_lexicon(tmp_path):
     decoder = decode.build_beam_search(None, tmp_path / "words.txt", 20, 1.0, 2.0)
     words = [w for text in beam_texts(decoder, log_probs, lengths) for w in text.split()]
     assert words and set(words) <= lexicon
-    greedy = {w for text in decode.greedy_decode(log_probs, lengths) for w in text.split()}
+    greedy = {w for text in greedy_decode(log_probs, lengths) for w in text.split()}
     assert greedy - lexicon  # unconstrained, the same frames spell other words
 
 
@@ -1279,16 +1279,22 @@ def test_ablation_features_are_what_each_row_says():
     assert torch.allclose(features["b-no-norm"].exp() - 1e-6, features["b-power"], rtol=1e-3, atol=1e-6)
 
 
-def test_the_ablation_recipe_is_the_readme_recipe():
+def test_the_ablation_table_and_the_readme_train_the_an4_recipe_file(monkeypatch):
     readme = (HERE / "README.md").read_text()
-    command = readme[readme.index("time python train.py --data AN4/train"):].split("\n    python", 1)[0]
-    flags = command.replace("\\\n", " ").split()[3:]
-    assert flags[:4] == ["--data", "AN4/train", "--dev", "AN4/dev"]
-    flags = flags[4:]
-    for reporting in ("--log-every", "--eval-every"):  # how often it reports, not what it trains
-        at = flags.index(reporting)
-        del flags[at:at + 2]
-    assert flags == ablation.RECIPE
+    assert "python train.py @recipes/an4.args --data AN4/train --dev AN4/dev" in readme
+    monkeypatch.chdir(HERE / "recipes")  # ablation.py finds the file wherever it is run from
+    recipe = train.build_parser().parse_args(ablation.RECIPE)
+    assert (recipe.rnn_layers, recipe.rnn_hidden, recipe.time_stride, recipe.epochs) == (3, 256, 4, 36)
+    assert recipe.speed_perturb and (recipe.dropout, recipe.freq_masks, recipe.time_masks) == (0, 0, 0)
+
+
+def test_a_recipe_file_is_flags_with_comments_and_a_flag_typed_after_it_wins(tmp_path):
+    recipe = tmp_path / "my.args"
+    recipe.write_text("# a comment line\n--rnn-layers 2  # and one after the flags\n--lr 1e-3 --speed-perturb\n")
+    args = train.build_parser().parse_args([f"@{recipe}", "--lr", "2e-3", "--no-speed-perturb"])
+    assert (args.rnn_layers, args.lr, args.speed_perturb) == (2, 2e-3, False)
+    defaults = vars(train.build_parser().parse_args([]))  # the GPU recipe's file is the defaults, written out
+    assert vars(train.build_parser().parse_args([f"@{HERE / 'recipes/librispeech-100.args'}"])) == defaults
 
 
 def readme_commands(script):
@@ -1299,8 +1305,9 @@ def readme_commands(script):
     return [c[c.index(script) + 1:] for c in commands if script in c and c[0] in runners]
 
 
-def test_every_train_and_decode_command_in_the_readme_parses():
+def test_every_train_and_decode_command_in_the_readme_parses(monkeypatch):
     """A recipe a user copies from the README must not stop at a misspelt or removed flag."""
+    monkeypatch.chdir(HERE)  # where the README's @recipes/ paths are
     trains, decodes = readme_commands("train.py"), readme_commands("decode.py")
     assert len(trains) >= 4 and len(decodes) >= 4  # AN4, Mini LibriSpeech, LibriSpeech, torchrun
     assert any("train-clean-5" in " ".join(argv) for argv in trains)
@@ -1446,7 +1453,8 @@ def test_resume_refuses_changed_data_another_world_size_and_finds_relative_paths
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()} == folder
     (train_dir / "7").rename(tmp_path / "moved")  # the data as it was: the run continues
     assert train.train(["--resume", str(tmp_path / "run/last.pt"), "--max-minutes", "1e-9"]) is not None
-    assert runs.resume_command(Path("r/last.pt"), 4) == "torchrun --nnodes=1 --nproc_per_node=4 " \
+    # One machine, any free port: the command works beside another run and whatever launched this one.
+    assert runs.resume_command(Path("r/last.pt"), 4) == "torchrun --standalone --nproc_per_node=4 " \
                                                          "train.py --resume r/last.pt"
 
 
@@ -1634,7 +1642,7 @@ class LoudnessModel(torch.nn.Module):
         frames = waves.shape[1] // self.samples_per_frame
         framed = waves[:, :frames * self.samples_per_frame].reshape(len(waves), frames, -1)
         loud = framed.abs().amax(-1) > 0.01
-        symbol = torch.where(loud, data.BLANK, data.CHAR_TO_ID[" "])
+        symbol = torch.where(loud, BLANK, data.CHAR_TO_ID[" "])
         starts = loud & ~torch.nn.functional.pad(loud, (1, 0))[:, :-1]
         ends = loud & ~torch.nn.functional.pad(loud, (0, 1))[:, 1:]
         symbol[starts], symbol[ends & ~starts] = data.CHAR_TO_ID["a"], data.CHAR_TO_ID["b"]
@@ -1654,7 +1662,7 @@ def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_pa
     frame = 1 / 25
     cpu = torch.device("cpu")
     results = {(chunk, name): decode.transcribe(LoudnessModel(), [wave], cpu, 100, chunk, spans)[0]
-               for chunk in (60.0, 7.0) for name, spans in (("greedy", decode.greedy_spans), ("beam", beam))}
+               for chunk in (60.0, 7.0) for name, spans in (("greedy", greedy_spans), ("beam", beam))}
     for (chunk, name), (text, words) in results.items():
         assert text == "ab ab ab ab", (chunk, name)
         for word, (start, end) in zip(words, spoken):
@@ -1793,7 +1801,7 @@ def test_silence_and_near_silence_decode_to_nothing_greedy_or_beam(tmp_path):
     (tmp_path / "words.txt").write_text("ab\n")
     beam = functools.partial(decode.beam_search_spans, decode.build_beam_search(None, tmp_path / "words.txt",
                                                                                  10, 1.0, 0.0))
-    for spans in (decode.greedy_spans, beam):
+    for spans in (greedy_spans, beam):
         texts = [text for text, _ in decode.transcribe(RelativeLoudnessModel(), [dither, speech, torch.zeros(
             16000)], torch.device("cpu"), 100, 10.0, spans)]
         assert texts == ["", "ab", ""]  # the noise floor's chunks give no words; the word is kept

@@ -1,25 +1,29 @@
-"""Train the CTC model. The defaults are the recipe for LibriSpeech train-clean-100 on one GPU.
+"""Train the CTC model. The defaults are the recipe for LibriSpeech train-clean-100 on one GPU; the
+files in recipes/ hold the other measured recipes, each a list of flags that a flag typed after it
+overrides.
 
-    python train.py --data LibriSpeech/train-clean-100 --dev LibriSpeech/dev-clean
+    python train.py @recipes/an4.args --data AN4/train --dev AN4/dev        # a CPU, minutes
+    python train.py --data LibriSpeech/train-clean-100 --dev LibriSpeech/dev-clean   # one GPU
     python train.py --resume runs/<run>/last.pt             # continue a stopped run exactly
-    torchrun --nproc_per_node=4 train.py --data ... --dev ...   # DistributedDataParallel
+    torchrun --standalone --nproc_per_node=4 train.py --data ... --dev ...   # DistributedDataParallel
 
 This file is the flags and the training loop; runs.py keeps the run folder (checkpoints, the lock,
-resume checks). The README has the CPU recipe (AN4). Every --log-every steps a line shows loss,
-learning rate, gradient norm, x-realtime (audio seconds per wall second), data wait, the blank share
-of the greedy output, peak memory and ETA; every --eval-every steps, dev WER/CER; the same go to
-<run>/metrics.jsonl. <run>/last.pt is written every --save-every steps and on Ctrl-C; <run>/best.pt
-has the best dev WER (ties: the better CER). From Python, train(argv) runs the same and raises
-InputError where the command prints "error: ..." and exits with status 1.
+resume checks). Every --log-every steps a line shows loss, learning rate, gradient norm, x-realtime
+(audio seconds per wall second), data wait, the blank share of the greedy output, peak memory and ETA;
+every --eval-every steps, dev WER/CER; the same go to <run>/metrics.jsonl. <run>/last.pt is written
+every --save-every steps and on Ctrl-C; <run>/best.pt has the best dev WER (ties: the better CER).
+From Python, train(argv) runs the same and raises InputError where the command prints "error: ..."
+and exits with status 1.
 """
 import argparse
 import contextlib
-import dataclasses
 import copy
+import dataclasses
 import json
 import math
 import os
 import resource
+import shlex
 import signal
 import sys
 import time
@@ -30,10 +34,10 @@ import torch.distributed as dist
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 import data
-import decode
 import runs
 from data import InputError
-from model import FRAMES_PER_SECOND, CTCModel, ModelConfig, lengths_mask
+from model import (BLANK, FRAMES_PER_SECOND, CTCModel, ModelConfig, gradient_norms_by_block, greedy_decode,
+                   lengths_mask)
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 STALLED_EVALS = 3            # evaluations without a better dev CER before the run is called stuck
@@ -46,19 +50,29 @@ CAUSES = ("Likely causes: learning rate too high or too low (--lr, --warmup-step
           "log-mel or not normalized; CTC lengths that ignore the conv stride or the padding; a "
           "vocabulary without space or apostrophe; too little data for the model. Check with "
           "--overfit 20, and see 'When CTC training goes wrong' in the README.")
+CORES = len(os.sched_getaffinity(0))
+
+
+class RecipeParser(argparse.ArgumentParser):
+    """Reads @FILE as the flags in it: words as a shell splits them, '#' starting a comment."""
+
+    def convert_arg_line_to_args(self, arg_line):
+        return shlex.split(arg_line, comments=True)
 
 
 def build_parser():
     m = ModelConfig()  # the model flags' defaults live in the model's own config
-    in_range = data.in_range
+    in_range = runs.in_range
     count, positive, above_zero = in_range(int, 0), in_range(int, 1), in_range(float, 0, low_open=True)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = RecipeParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     fromfile_prefix_chars="@")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", help="training corpora: LibriSpeech-layout folders or TSV manifests")
     g.add_argument("--dev", nargs="+", help="dev corpora, same forms; scored at every evaluation")
     g.add_argument("--max-seconds", type=above_zero, default=30.0, help="skip longer training utterances")
     g.add_argument("--batch-seconds", type=above_zero, default=800.0, help="padded audio seconds per batch")
-    g.add_argument("--workers", type=count, default=4, help="DataLoader processes decoding audio")
+    g.add_argument("--workers", type=count, default=min(4, CORES), help="DataLoader processes decoding "
+                   "audio (default: 4, or this machine's cores if fewer)")
     g = p.add_argument_group("model")
     g.add_argument("--n-mels", type=in_range(int, 8), default=m.n_mels, help="log-mel bins")
     g.add_argument("--time-stride", type=int, default=m.time_stride, choices=[1, 2, 3, 4],
@@ -87,7 +101,7 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="a new folder (default: runs/<date>-<time>)")
     g.add_argument("--resume", default=None, help="a last.pt to continue from (its run and flags)")
-    g.add_argument("--device", type=data.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", type=runs.device, default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; "
                    "default: on for CUDA and CPUs with AVX512-BF16, off on other CPUs, which only emulate it")
     g.add_argument("--log-every", type=positive, default=50)
@@ -120,9 +134,10 @@ def learning_rate(step, total_steps, args):
 def model_config(args):
     """The model the flags describe."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)} & vars(args).keys()
-    return ModelConfig(vocab_size=len(data.VOCAB), **{name: getattr(args, name) for name in fields})
+    return ModelConfig(**{name: getattr(args, name) for name in fields})
 
 
+# ------------------------------------------------------------------- before the loop
 def resolve_args(argv, log):
     """The run's flags and, with --resume, its checkpoint: a resumed run keeps the flags it was
     started with, and a flag typed now that would change them is refused, whatever its value.
@@ -139,10 +154,11 @@ def resolve_args(argv, log):
                                         lambda saved: CTCModel(model_config(saved)), launched_world_size())
     path, run_dir = Path(args.resume), Path(args.run_dir)
     try:
-        data.device(args.device)
+        runs.device(args.device)
     except argparse.ArgumentTypeError as e:
         raise InputError(f"--resume {path}: the run used --device {args.device}: {e}") from None
-    log(f"resuming {path} at step {checkpoint['step']}" + f" in {run_dir}" * (run_dir != path.parent))
+    where = f" in {run_dir}" if run_dir != path.parent else ""
+    log(f"resuming {path} at step {checkpoint['step']}{where}")
     return args, checkpoint
 
 
@@ -158,9 +174,18 @@ def setup_device(args, cleanup):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         cleanup.callback(dist.destroy_process_group)
-    # bf16 autocast: no loss scaling needed, unlike fp16; a CPU without AVX512-BF16 only emulates it.
-    bf16 = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() if args.bf16 is None else args.bf16
+    bf16 = args.bf16
+    if bf16 is None:  # bf16 needs no loss scaling, unlike fp16; a CPU without AVX512-BF16 only emulates it
+        bf16 = device.type == "cuda" or cpu_has_bf16()
     return device, rank, world_size, bf16
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 itself (AVX512-BF16, in the kernel's list of its flags)."""
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux
+        return False
 
 
 def read_data(args, model, log):
@@ -185,12 +210,17 @@ def read_corpora(args, model, log):
     return train_set, train_set if args.overfit else data.read_corpus(args.dev, log)
 
 
-def build_loaders(args, train_set, dev_set, rank, world_size, pin_memory):
+def build_loaders(args, train_set, dev_set, rank, world_size, pin_memory, log):
     """(train loader, its batch sampler, dev loader)."""
     sampler = data.BucketBatches([u["seconds"] for u in train_set], args.batch_seconds, args.seed,
                                  rank=rank, world_size=world_size)
     if len(sampler) == 0:
         raise InputError(f"fewer batches than processes; lower --batch-seconds ({args.batch_seconds})")
+    left_out = len(sampler.batches) - world_size * len(sampler)
+    if left_out:  # every rank takes the same number of steps, so each epoch leaves these few batches out
+        log(f"data: {len(sampler.batches)} batches an epoch over {world_size} processes: {left_out} of "
+            f"them (a different few each epoch) are left out of each epoch so that every process takes "
+            f"{len(sampler)} steps")
     dev_batches = data.BucketBatches([u["seconds"] for u in dev_set], args.batch_seconds, shuffle=False)
     dev_loader = data.batch_loader(dev_set, dev_batches, args.workers, pin_memory)
     if rank == 0:  # the rank that evaluates
@@ -203,49 +233,287 @@ def build_loaders(args, train_set, dev_set, rank, world_size, pin_memory):
 
 def build_optimizer(args, checkpoint, model, device):
     """AdamW and the moving average of the weights (or None), new or as the checkpoint left them, and
-    the progress so far: (step, epoch, batch in epoch, (best dev WER, its CER))."""
+    the runs.Progress so far."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     # Its weights keep requires_grad, though no loss reaches them: bf16 autocast caches casts only of such
     # weights, and the CPU GRU would recast its own every time step (evaluation 3.6x slower, RESULTS.md).
     average = copy.deepcopy(model) if args.ema_decay else None
     if checkpoint is None:
-        return optimizer, average, (0, 0, 0, (math.inf, math.inf))
+        return optimizer, average, runs.Progress()
     return optimizer, average, runs.restore_training_state(checkpoint, model, average, optimizer, device)
 
 
-class Evaluation:
-    """Dev scoring during training: corpus-level greedy WER and CER, logged with the health signals (the
-    three longest pairs, each block's gradient norm, a warning if the run looks stuck). Keeps the CER
-    history the warnings need and the time spent, which --max-minutes leaves out."""
+def claim_run_dir(args, resuming_here, cleanup, device, distributed):
+    """Rank 0 claims the run folder (held until cleanup closes); every rank raises if it could not, so
+    that the others end with it rather than wait for it (only rank 0 prints the error)."""
+    problem = None
+    if int(os.environ.get("RANK", 0)) == 0:
+        try:
+            cleanup.enter_context(runs.claim_run_dir(args, resuming_here))
+        except InputError as e:
+            problem = e
+    if not on_every_rank(problem is None, device, distributed):
+        raise problem or InputError("rank 0 could not claim the run folder")
 
-    def __init__(self, dev_loader, device, bf16, args, log):
-        self.dev_loader, self.device, self.bf16, self.args, self.log = dev_loader, device, bf16, args, log
-        self.cer_history, self.block_norms, self.seconds = [], {}, 0.0
+
+def on_every_rank(flag, device, distributed):
+    """flag, and under DDP whether it holds on every rank: ranks must take the same path, or DDP hangs."""
+    if not distributed:
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def catch_stop_signals(cleanup):
+    """From now on Ctrl-C and SIGTERM append to the returned list, so that the loop can finish its step,
+    save and say how to resume; the old handlers come back when cleanup (an ExitStack) closes."""
+    stop = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        cleanup.callback(signal.signal, sig, handler)
+    return stop
+
+
+# ------------------------------------------------------------------------ the run
+def train(argv=None, model=None):
+    """Train as the command line says; returns the model the checkpoints hold (on every rank). model: a
+    module to train instead of the flags' CTCModel, called and checkpointed as it is (ablation.py).
+    Raises InputError, naming the flag, file or checkpoint, before anything is written where it can."""
+    master = int(os.environ.get("RANK", 0)) == 0
+    log = (lambda message: print(message, flush=True)) if master else (lambda message: None)
+    args, checkpoint = resolve_args(argv, log)
+    if args.overfit:  # the health check: nothing may stand between the model and its training set
+        args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
+        args.speed_perturb, args.ema_decay = False, 0.0  # and it scores the trained weights themselves
+    here = checkpoint is not None and Path(args.run_dir).resolve() == Path(args.resume).parent.resolve()
+    runs.check_run_dir(args.run_dir, here)  # before the data scan, which can take minutes
+    with contextlib.ExitStack() as cleanup:  # what the run holds, given back however it ends
+        device, rank, world_size, bf16 = setup_device(args, cleanup)
+        if device.type == "cpu" and model is None and (args.rnn_layers, args.rnn_hidden) == (5, 512):
+            log(f"note: these are train.py's defaults, the GPU recipe, on a CPU ({CORES} cores): it would "
+                f"take days. On a CPU start from a recipe: @recipes/an4.args or @recipes/mini-librispeech.args")
+        torch.manual_seed(args.seed)
+        model = (model or CTCModel(model_config(args))).to(device)
+        train_set, dev_set = read_data(args, model, log)
+        identity = {"run_id": checkpoint["run_id"] if here else runs.new_run_id(),  # a branch is a new run
+                    "train_set": runs.corpus_id(train_set), "dev_set": runs.corpus_id(dev_set)}
+        if checkpoint:
+            runs.check_same_data(checkpoint, args.resume, identity)
+        claim_run_dir(args, here, cleanup, device, world_size > 1)
+        loader, sampler, dev_loader = build_loaders(args, train_set, dev_set, rank, world_size,
+                                                    device.type == "cuda", log)
+        optimizer, average, progress = build_optimizer(args, checkpoint, model, device)
+        run = Run(args, device, bf16, world_size, Path(args.run_dir), model, average, optimizer, identity,
+                  dev_loader, log)
+        if checkpoint and master:
+            runs.keep_metrics_until(progress.step, Path(args.resume).parent / "metrics.jsonl", run.dir)
+        run.metrics = cleanup.enter_context(open(run.dir / "metrics.jsonl", "a", buffering=1)) if master \
+            else None
+        stop = catch_stop_signals(cleanup)  # a list, checked once per step
+        ended = train_loop(run, loader, sampler, progress, stop)
+        if master and ended != "finished":
+            why = f"stopped by signal {stop[0]}" if ended == "signal" else f"--max-minutes {args.max_minutes} " \
+                f"reached"
+            log(f"{why} at step {progress.step}; {run.dir / 'last.pt'} saved. Continue with:\n"
+                f"  {runs.resume_command(run.dir / 'last.pt', world_size)}")
+        if world_size > 1:
+            dist.barrier()  # the others wait for rank 0's final evaluation and save, then all leave together
+    if ended == "signal":
+        raise Stopped(stop[0] if stop else signal.SIGTERM)
+    return average or model
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop works with, settled before it starts."""
+    args: argparse.Namespace
+    device: torch.device
+    bf16: bool
+    world_size: int
+    dir: Path
+    model: torch.nn.Module                # what AdamW trains
+    average: torch.nn.Module              # its moving average (None: off), evaluated and saved
+    optimizer: torch.optim.Optimizer
+    identity: dict                        # run id and corpus fingerprints, saved in each checkpoint
+    dev_loader: torch.utils.data.DataLoader
+    log: object
+    metrics: object = None                # metrics.jsonl, open on rank 0
+    cer_history: list = dataclasses.field(default_factory=list)  # dev CERs, for diagnose()
+    block_norms: dict = dataclasses.field(default_factory=dict)  # gradient norms before the evaluation
+    eval_seconds: float = 0.0             # spent evaluating, which --max-minutes leaves out
 
     def training_minutes(self, run_start):
-        return (time.time() - run_start - self.seconds) / 60
+        return (time.time() - run_start - self.eval_seconds) / 60
 
-    def run(self, model, label, step):
-        """Score model on dev; returns the metrics record."""
-        started = time.time()
-        refs, hyps = decode.greedy_corpus(model, self.dev_loader, self.device, self.bf16)
-        if not refs:  # a WER of nothing would read as 0.00% and freeze best.pt
-            raise InputError(f"--dev {' '.join(self.args.dev)}: none of its utterances could be scored, "
-                             f"each file was skipped (the warnings above say why); fix or replace the dev "
-                             f"set")
-        (wer, cer), seconds = decode.error_rates(refs, hyps), time.time() - started
-        self.cer_history.append(cer)
-        self.seconds += seconds
-        self.log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  "
-                 f"gradient norms {self.block_norms}")
-        for ref, hyp in list(zip(refs, hyps))[-3:]:  # the longest: the shortest are often single words
-            self.log(f"  ref: {ref}\n  hyp: {hyp}")
-        warning = diagnose(hyps, self.cer_history, step, self.args)
-        if warning:
-            self.log(f"warning: {warning}")
-        return {"dev_wer": wer, "dev_cer": cer, "grad_norms": self.block_norms, "warning": warning,
-                "eval_seconds": seconds}
+    def save(self, name, progress):
+        runs.save_training_state(self.dir / name, self.model, self.average, self.optimizer, progress,
+                                 self.args, self.world_size, self.identity)
+
+    def write_metrics(self, record, run_start):
+        self.metrics.write(json.dumps({**record, "wall_seconds": time.time() - run_start}) + "\n")
+
+
+def train_loop(run, loader, sampler, progress, stop):
+    """The training steps until the last epoch, a signal or --max-minutes; returns which ended it:
+    "finished", "signal" or "time". Every rank runs it; rank 0 alone logs, evaluates and saves."""
+    args, p, model, optimizer, log = run.args, progress, run.model, run.optimizer, run.log
+    master, distributed = int(os.environ.get("RANK", 0)) == 0, run.world_size > 1
+    log(f"model: {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{FRAMES_PER_SECOND / model.config.time_stride:.0f} output frames/s, "
+        f"device {run.device}{' bf16' if run.bf16 else ''}, world size {run.world_size}")
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    ctc_loss = torch.nn.CTCLoss(blank=BLANK, zero_infinity=True)
+    total_steps, run_start, start_step = args.epochs * len(sampler), time.time(), p.step
+    log(f"run: {run.dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
+    log("note: the greedy output is mostly blank at first (the 'blank plateau'); letters follow, then words")
+    interval, bad_in_a_row, signalled, over_time = LogInterval(run.device), 0, False, False
+    model.train()
+    while p.epoch < args.epochs and not (signalled or over_time):
+        sampler.set_epoch(p.epoch, p.batch_in_epoch)
+        for batch in interval.timed(loader):
+            lr = learning_rate(p.step, total_steps, args)
+            optimizer.param_groups[0]["lr"] = lr  # the one group: every parameter
+            if not on_every_rank(batch is not None, run.device, distributed):  # all its files unusable
+                interval.skipped += 1
+            else:
+                try:
+                    log_probs, out_lengths = forward(ddp_model, batch, run.device, run.bf16)
+                    # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
+                    loss = ctc_loss(log_probs.transpose(0, 1), batch["targets"].to(run.device, non_blocking=True),
+                                    out_lengths, batch["target_lengths"])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if (p.step + 1) % args.eval_every == 0:  # this step ends in an evaluation
+                        run.block_norms = gradient_norms_by_block(model)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                    # A NaN or inf must not reach the weights. The one host sync per step.
+                    finite = torch.isfinite(grad_norm).item() and torch.isfinite(loss).item()
+                    bad_in_a_row = 0 if finite else bad_in_a_row + 1
+                    if finite:
+                        optimizer.step()
+                        update_average(run.average, model, p.step, args.ema_decay)
+                        interval.add(loss, grad_norm, log_probs, out_lengths)
+                    else:
+                        interval.skipped += 1
+                except torch.OutOfMemoryError:
+                    if distributed:  # the other ranks already wait in this step's all-reduce: it must end
+                        raise
+                    skip_out_of_memory(batch, optimizer, run.device, args, log)
+                    interval.oom += 1
+            if bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
+                raise InputError(diverged(args, run.dir, run.world_size))
+            p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
+            interval.audio += float(batch["wave_lengths"].sum()) / data.SAMPLE_RATE if batch else 0.0
+            if p.step % args.log_every == 0 and master:
+                eta = (time.time() - run_start) / max(1, p.step - start_step) * (total_steps - p.step)
+                line, record = interval.report(p.epoch, p.step, total_steps, lr, eta)
+                log(line)
+                run.write_metrics(record, run_start)
+            late = master and run.training_minutes(run_start) > (args.max_minutes or math.inf)
+            signalled, over_time = agreed_stop(bool(stop), late, run.device, distributed)
+            if signalled and master:  # saved first: torchrun kills its processes 30 s after a signal
+                run.save("last.pt", p)
+            if p.step % args.eval_every == 0:  # also when stopping: best.pt as if uninterrupted
+                evaluate_and_keep_best(run, p, f"eval step {p.step}", run_start)
+            if p.step % args.save_every == 0 and master:
+                run.save("last.pt", p)
+            if signalled or over_time:
+                break
+        if p.batch_in_epoch == len(sampler):  # also when stopped on its last batch: a resume starts the next
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+    del ddp_model  # before the process group goes: a DDP model left to exit's garbage collection hung there
+
+    # ---- the end: a finished or timed-out run is scored once more unless its last step just was
+    if not signalled and p.step % args.eval_every:
+        evaluate_and_keep_best(run, p, "final", run_start)
+    if master:
+        run.save("last.pt", p)
+    if p.epoch >= args.epochs:
+        return "finished"
+    return "signal" if signalled else "time"
+
+
+def evaluate_and_keep_best(run, progress, label, run_start):
+    """On every rank: rank 0 scores the model's greedy output on dev (corpus-level WER and CER), logs it
+    with the health signals (the three longest pairs, each block's gradient norm, a warning if the run
+    looks stuck) and keeps best.pt. The others learn whether it could, so that a dev set of only
+    unusable files ends every rank with rank 0's error."""
+    master, started, scored = int(os.environ.get("RANK", 0)) == 0, time.time(), True
+    if master:
+        refs, hyps = greedy_corpus(run.average or run.model, run.dev_loader, run.device, run.bf16)
+        scored = bool(refs)  # a WER of nothing would read as 0.00% and freeze best.pt
+    if not on_every_rank(scored, run.device, run.world_size > 1):
+        raise InputError(f"--dev {' '.join(run.args.dev)}: none of its utterances could be scored, each "
+                         f"file was skipped (the warnings above say why); fix or replace the dev set")
+    if not master:
+        return
+    (wer, cer), seconds = data.error_rates(refs, hyps), time.time() - started
+    run.cer_history.append(cer)
+    run.eval_seconds += seconds
+    run.log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  gradient norms {run.block_norms}")
+    for ref, hyp in list(zip(refs, hyps))[-3:]:  # the longest: the shortest are often single words
+        run.log(f"  ref: {ref}\n  hyp: {hyp}")
+    warning = diagnose(hyps, run.cer_history, progress.step, run.args)
+    if warning:
+        run.log(f"warning: {warning}")
+    run.write_metrics({"epoch": progress.epoch, "step": progress.step, "dev_wer": wer, "dev_cer": cer,
+                       "grad_norms": run.block_norms, "warning": warning, "eval_seconds": seconds}, run_start)
+    if (wer, cer) < (progress.best_wer, progress.best_cer):  # a tie in WER goes to the better CER
+        progress.best_wer, progress.best_cer = wer, cer
+        run.save("best.pt", progress)
+
+
+def agreed_stop(signalled, over_time, device, distributed):
+    """(stop for a signal, stop for --max-minutes), the same on every rank: the ranks leave the loop
+    together. A signal on any rank stops all; the time is rank 0's clock (rank 0 alone evaluates, so its
+    clock alone can leave evaluations out)."""
+    if not distributed:
+        return signalled, over_time
+    flags = torch.tensor([float(signalled), float(over_time)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
+
+
+def forward(model, batch, device, bf16):
+    """(log-probs, output lengths) of a batch. bf16 autocast needs no loss scaling, unlike fp16."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(batch["waves"].to(device, non_blocking=True), batch["wave_lengths"])
+
+
+def update_average(average, model, step, decay):
+    """One step of the moving average of the weights (if any). Early on it averages only about the last
+    ninth of the steps (TensorFlow's num_updates rule), so that the random start fades fast."""
+    if average:
+        update = get_ema_multi_avg_fn(min(decay, (1 + step) / (10 + step)))
+        update(list(average.parameters()), list(model.parameters()), None)
+
+
+def skip_out_of_memory(batch, optimizer, device, args, log):
+    """One outsized batch should not end a long run: free what it took, say what to change."""
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    padded = batch["waves"].numel() / data.SAMPLE_RATE
+    log(f"warning: out of memory on a batch of {len(batch['ids'])} utterances ({padded:.0f} s padded), "
+        f"skipped. If this repeats, lower --batch-seconds (now {args.batch_seconds}) or --max-seconds")
+
+
+# ------------------------------------------------------------------- what the log shows
+def greedy_corpus(model, batches, device, bf16=False):
+    """(references, greedy hypotheses) over batches from data.collate; a None batch (only unusable
+    files) is passed over. The model is scored in eval mode and left in the mode it was in."""
+    refs, hyps, training = [], [], model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in filter(None, batches):
+            log_probs, out_lengths = model(batch["waves"].to(device), batch["wave_lengths"])
+            hyps += greedy_decode(log_probs, out_lengths)
+            refs += batch["texts"]
+    model.train(training)
+    return refs, hyps
 
 
 def diagnose(hyps, cer_history, step, args):
@@ -299,7 +567,7 @@ class LogInterval:
         """A trained step."""
         with torch.no_grad():
             inside = lengths_mask(out_lengths.to(log_probs.device, non_blocking=True), log_probs.shape[1])
-            blanks = ((log_probs.argmax(-1) == data.BLANK) & inside).sum()
+            blanks = ((log_probs.argmax(-1) == BLANK) & inside).sum()
             self.sums += torch.stack([loss.detach(), blanks.float(), inside.sum().float()])
         self.grad_norm += float(grad_norm)
         self.trained += 1
@@ -321,239 +589,6 @@ class LogInterval:
         return line, r
 
 
-def gradient_norms_by_block(model):
-    """Gradient norm of the front end, each GRU layer and the output layer. A block near zero
-    (vanishing) or far above the others (exploding) shows where to look."""
-    blocks = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            kind, index = name.split(".")[:2]  # layers.2.forward_gru.weight_hh_l0: GRU layer 2
-            block = f"rnn{index}" if kind == "layers" else "output" if kind == "output" else "front end"
-            blocks[block] = blocks.get(block, 0.0) + p.grad.detach().float().pow(2).sum()
-    return {block: round(float(total) ** 0.5, 4) for block, total in blocks.items()}
-
-
-def forward(model, batch, device, bf16):
-    """(log-probs, output lengths) of a batch. bf16 autocast needs no loss scaling, unlike fp16."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model(batch["waves"].to(device, non_blocking=True), batch["wave_lengths"])
-
-
-def update_average(average, model, step, decay):
-    """One step of the moving average of the weights (if any). Early on it averages only about the last
-    ninth of the steps (TensorFlow's num_updates rule), so that the random start fades fast."""
-    if average:
-        update = get_ema_multi_avg_fn(min(decay, (1 + step) / (10 + step)))
-        update(list(average.parameters()), list(model.parameters()), None)
-
-
-def on_every_rank(flag, device, distributed):
-    """flag, and under DDP whether it holds on every rank: ranks must take the same path, or DDP hangs."""
-    if not distributed:
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-class SkipStep(Exception):
-    """Raised inside a step by StepGuard.unless(): the rest of the step is not done."""
-
-
-class StepGuard:
-    """Around each training step: a batch of only unusable files, a non-finite loss or gradient, or
-    CUDA out of memory (on one process) skip that step instead of ending the run, counted in the log.
-
-        with guard(batch) as skip:
-            skip.unless(condition)       # False: the rest of this step is skipped
-    """
-
-    def __init__(self, optimizer, interval, args, device, distributed, log):
-        self.optimizer, self.interval, self.args, self.log = optimizer, interval, args, log
-        self.device, self.distributed = device, distributed
-        self.bad_in_a_row, self.batch = 0, None  # non-finite steps since the last good one
-
-    def __call__(self, batch):
-        self.batch = batch
-        return self
-
-    def unless(self, condition):
-        if not condition:
-            raise SkipStep
-
-    def unless_finite(self, loss, grad_norm):
-        """Skip a step whose loss or gradient is NaN or infinite, before it reaches the weights. The one
-        host sync per step."""
-        finite = torch.isfinite(grad_norm).item() and torch.isfinite(loss).item()
-        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
-        self.unless(finite)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if kind is SkipStep:
-            self.interval.skipped += 1
-            return True
-        if kind is not None and issubclass(kind, torch.OutOfMemoryError) and not self.distributed:
-            # One outsized batch should not end a long run (under DDP the other ranks already wait in
-            # this step's all-reduce: it must end). Free what it took, say what to change.
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.interval.oom += 1
-            padded = self.batch["waves"].numel() / data.SAMPLE_RATE
-            self.log(f"warning: out of memory on a batch of {len(self.batch['ids'])} utterances "
-                     f"({padded:.0f} s padded), skipped. If this repeats, lower --batch-seconds "
-                     f"(now {self.args.batch_seconds}) or --max-seconds")
-            return True
-        return False
-
-
-def agreed_stop(stop, over_time, device, distributed):
-    """Whether to stop after this step: on Ctrl-C or SIGTERM, or past --max-minutes on rank 0's clock
-    (rank 0 alone evaluates, so its clock alone can leave evaluations out). All ranks stop together."""
-    return not on_every_rank(not (stop or over_time), device, distributed)
-
-
-def catch_stop_signals(cleanup):
-    """From now on Ctrl-C and SIGTERM append to the returned list, so that the loop can finish its step,
-    save and say how to resume; the old handlers come back when cleanup (an ExitStack) closes."""
-    stop = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig, handler in previous.items():
-        cleanup.callback(signal.signal, sig, handler)
-    return stop
-
-
-def train(argv=None, model=None):
-    """Train as the command line says; returns the model the checkpoints hold (on every rank). model: a
-    module to train instead of the flags' CTCModel, called and checkpointed as it is (ablation.py).
-    Raises InputError, naming the flag, file or checkpoint, before anything is written where it can."""
-    master = int(os.environ.get("RANK", 0)) == 0
-    log = (lambda message: print(message, flush=True)) if master else (lambda message: None)
-    args, checkpoint = resolve_args(argv, log)
-    if args.overfit:  # the health check: nothing may stand between the model and its training set
-        args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
-        args.speed_perturb, args.ema_decay = False, 0.0  # and it scores the trained weights themselves
-    here = checkpoint is not None and Path(args.run_dir).resolve() == Path(args.resume).parent.resolve()
-    runs.check_run_dir(args.run_dir, here)  # before the data scan, which can take minutes
-    with contextlib.ExitStack() as cleanup:  # what the run holds, given back however it ends
-        device, rank, world_size, bf16 = setup_device(args, cleanup)
-        torch.manual_seed(args.seed)
-        model = (model or CTCModel(model_config(args))).to(device)
-        train_set, dev_set = read_data(args, model, log)
-        identity = {"run_id": checkpoint["run_id"] if here else runs.new_run_id(),  # a branch is a new run
-                    "train_set": runs.corpus_id(train_set), "dev_set": runs.corpus_id(dev_set)}
-        if checkpoint:
-            runs.check_same_data(checkpoint, args.resume, identity)
-        if master:
-            cleanup.enter_context(runs.claim_run_dir(args, here))
-        loaders = build_loaders(args, train_set, dev_set, rank, world_size, pin_memory=device.type == "cuda")
-        return train_loop(args, checkpoint, model, loaders, identity, device, world_size, bf16, log, cleanup)
-
-
-def train_loop(args, checkpoint, model, loaders, identity, device, world_size, bf16, log, cleanup):
-    """The run after its flags, data and folder are settled: optimizer, the loop, the end."""
-    master, distributed = int(os.environ.get("RANK", 0)) == 0, world_size > 1
-    run_dir = Path(args.run_dir or ".")
-    loader, sampler, dev_loader = loaders
-    optimizer, average, (step, epoch, batch_in_epoch, best) = build_optimizer(args, checkpoint, model, device)
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{FRAMES_PER_SECOND / model.config.time_stride:.0f} output frames/s, "
-        f"device {device}{' bf16' if bf16 else ''}, world size {world_size}")
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    ctc_loss = torch.nn.CTCLoss(blank=data.BLANK, zero_infinity=True)
-    total_steps, run_start, start_step = args.epochs * len(sampler), time.time(), step
-    log(f"run: {run_dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
-    if checkpoint and master:
-        runs.keep_metrics_until(step, Path(args.resume).parent / "metrics.jsonl", run_dir)
-    metrics = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a", buffering=1)) if master else None
-    interval = LogInterval(device)
-    guard = StepGuard(optimizer, interval, args, device, distributed, log)
-    evaluation = Evaluation(dev_loader, device, bf16, args, log)  # the --max-minutes clock skips its time
-
-    def save(name):
-        progress = (step, epoch, batch_in_epoch, best)
-        runs.save_training_state(run_dir / name, model, average, optimizer, progress, args, world_size,
-                                 identity)
-
-    def log_progress(lr):
-        eta = (time.time() - run_start) / max(1, step - start_step) * (total_steps - step)
-        line, record = interval.report(epoch, step, total_steps, lr, eta)
-        log(line)
-        metrics.write(json.dumps({**record, "wall_seconds": time.time() - run_start}) + "\n")
-
-    def evaluate_and_keep_best(label):
-        nonlocal best
-        record = evaluation.run(average or model, label, step)
-        metrics.write(json.dumps({"epoch": epoch, "step": step, **record,
-                                  "wall_seconds": time.time() - run_start}) + "\n")
-        if (record["dev_wer"], record["dev_cer"]) < best:  # a tie in WER goes to the better CER
-            best = (record["dev_wer"], record["dev_cer"])
-            save("best.pt")
-
-    stop = catch_stop_signals(cleanup)  # a list, checked once per step
-    log("note: the greedy output is mostly blank at first (the 'blank plateau'); letters follow, then words")
-    over_time = False
-
-    # ---- the loop: batch, learning rate, forward, loss, backward, clip, step, average, log, evaluate, save
-    model.train()
-    while epoch < args.epochs and not stop and not over_time:
-        sampler.set_epoch(epoch, batch_in_epoch)
-        for batch in interval.timed(loader):
-            lr = learning_rate(step, total_steps, args)
-            optimizer.param_groups[0]["lr"] = lr  # the one group: every parameter
-            with guard(batch) as skip:  # a step skipped on a batch of unusable files, OOM, NaN or inf
-                skip.unless(on_every_rank(batch is not None, device, distributed))
-                log_probs, out_lengths = forward(ddp_model, batch, device, bf16)
-                # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
-                loss = ctc_loss(log_probs.transpose(0, 1), batch["targets"].to(device, non_blocking=True),
-                                out_lengths, batch["target_lengths"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if (step + 1) % args.eval_every == 0:  # this step ends in an evaluation
-                    evaluation.block_norms = gradient_norms_by_block(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                skip.unless_finite(loss, grad_norm)
-                optimizer.step()
-                update_average(average, model, step, args.ema_decay)
-                interval.add(loss, grad_norm, log_probs, out_lengths)
-            if guard.bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
-                raise InputError(diverged(args, run_dir, world_size))
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            interval.audio += float(batch["wave_lengths"].sum()) / data.SAMPLE_RATE if batch else 0.0
-            if step % args.log_every == 0 and master:
-                log_progress(lr)
-            over_time = master and evaluation.training_minutes(run_start) > (args.max_minutes or math.inf)
-            stopping = agreed_stop(stop, over_time, device, distributed)
-            if step % args.eval_every == 0 and master:  # also when stopping: best.pt as uninterrupted
-                evaluate_and_keep_best(f"eval step {step}")
-            if step % args.save_every == 0 and master:
-                save("last.pt")
-            if stopping:
-                if not (stop or over_time):  # another rank was stopped
-                    stop.append(signal.SIGTERM)
-                break
-        if batch_in_epoch == len(sampler):  # also when stopped on its last batch: a resume starts the next
-            epoch, batch_in_epoch = epoch + 1, 0
-
-    # ---- the end
-    finished = epoch >= args.epochs
-    if master:
-        if (finished or not stop) and step % args.eval_every:  # the last step was not just scored
-            evaluate_and_keep_best("final")
-        save("last.pt")
-        if not finished:
-            why = f"stopped by signal {stop[0]}" if stop else f"--max-minutes {args.max_minutes} reached"
-            log(f"{why} at step {step}; {run_dir / 'last.pt'} saved. Continue with:\n"
-                f"  {runs.resume_command(run_dir / 'last.pt', world_size)}")
-    if stop and not finished:
-        raise Stopped(stop[0])
-    return average or model
-
-
 def diverged(args, run_dir, world_size):
     return (f"{MAX_BAD_STEPS_IN_A_ROW + 1} steps in a row had a non-finite loss or gradient: the run has "
             f"diverged. Lower --lr (now {args.lr}) or raise --warmup-steps and start anew, or resume from "
@@ -561,15 +596,18 @@ def diverged(args, run_dir, world_size):
 
 
 def main(argv=None):
-    """The command line: train() with its InputError printed as 'error: ...' and exit status 1."""
+    """The command line: train() with its InputError printed as 'error: ...' and exit status 1. Under
+    torchrun the other ranks meet the same error: rank 0 alone prints it."""
+    master = int(os.environ.get("RANK", 0)) == 0
     try:
         train(argv)
     except InputError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if master else 1)
     except Stopped as e:  # last.pt is saved and the resume command printed
         sys.exit(128 + e.args[0])
     except KeyboardInterrupt:  # the loop turns Ctrl-C into a stop; before it starts there is nothing to save
-        sys.exit("error: interrupted while starting, before the first step: nothing was trained or saved")
+        sys.exit("error: interrupted while starting, before the first step: nothing was trained or saved"
+                 if master else 130)
 
 
 if __name__ == "__main__":
