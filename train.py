@@ -294,7 +294,8 @@ def train(argv=None, model=None):
         device, rank, world_size, bf16 = setup_device(args, cleanup)
         if device.type == "cpu" and model is None and (args.rnn_layers, args.rnn_hidden) == (5, 512):
             log(f"note: these are train.py's defaults, the GPU recipe, on a CPU ({CORES} cores): it would "
-                f"take days. On a CPU start from a recipe: @recipes/an4.args or @recipes/mini-librispeech.args")
+                f"take days. On a CPU start from a recipe: @recipes/an4.args or "
+                f"@recipes/mini-librispeech.args")
         torch.manual_seed(args.seed)
         model = (model or CTCModel(model_config(args))).to(device)
         train_set, dev_set = read_data(args, model, log)
@@ -310,13 +311,14 @@ def train(argv=None, model=None):
                   dev_loader, log)
         if checkpoint and master:
             runs.keep_metrics_until(progress.step, Path(args.resume).parent / "metrics.jsonl", run.dir)
-        run.metrics = cleanup.enter_context(open(run.dir / "metrics.jsonl", "a", buffering=1)) if master \
-            else None
+        if master:
+            run.metrics = cleanup.enter_context(open(run.dir / "metrics.jsonl", "a", buffering=1))
         stop = catch_stop_signals(cleanup)  # a list, checked once per step
         ended = train_loop(run, loader, sampler, progress, stop)
         if master and ended != "finished":
-            why = f"stopped by signal {stop[0]}" if ended == "signal" else f"--max-minutes {args.max_minutes} " \
-                f"reached"
+            why = f"--max-minutes {args.max_minutes} reached"
+            if ended == "signal":
+                why = f"stopped by signal {stop[0]}"
             log(f"{why} at step {progress.step}; {run.dir / 'last.pt'} saved. Continue with:\n"
                 f"  {runs.resume_command(run.dir / 'last.pt', world_size)}")
         if world_size > 1:
@@ -382,8 +384,8 @@ def train_loop(run, loader, sampler, progress, stop):
                 try:
                     log_probs, out_lengths = forward(ddp_model, batch, run.device, run.bf16)
                     # CTCLoss wants (T, B, vocab); mean = per-utterance loss / target length, batch mean.
-                    loss = ctc_loss(log_probs.transpose(0, 1), batch["targets"].to(run.device, non_blocking=True),
-                                    out_lengths, batch["target_lengths"])
+                    targets = batch["targets"].to(run.device, non_blocking=True)
+                    loss = ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, batch["target_lengths"])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if (p.step + 1) % args.eval_every == 0:  # this step ends in an evaluation
