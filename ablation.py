@@ -451,9 +451,13 @@ def check_out(args):
     if not results_file.exists():
         return settings
     try:
-        saved = json.loads(results_file.read_text())
-        saved = {key: saved[key] for key in settings}
-    except (ValueError, KeyError, TypeError):
+        table = json.loads(results_file.read_text())
+        saved = {key: table[key] for key in settings}
+        rows = table.get("rows", [])
+        if not (isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("row"), str)
+                                               for r in rows)):
+            raise ValueError("its rows are not rows")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a folder, cut short, other JSON
         raise data.InputError(f"{results_file} is not a table ablation.py wrote (cut short, or of an older "
                               f"version); move it away to start the table anew, or use another "
                               f"--out") from None

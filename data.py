@@ -27,16 +27,19 @@ import soundfile
 import torch
 import torchaudio
 
-from model import SAMPLE_RATE, VOCAB, WINDOW  # the model's input rate and window, its output symbols
+from model import HOP, SAMPLE_RATE, VOCAB, WINDOW  # the model's input rate and frames, its output symbols
 
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
-AUDIO_SUFFIXES = (".flac", ".wav")  # the one rule everywhere: these are audio, any other file a manifest
+# Audio is told by its content (whatever soundfile opens: FLAC, WAV, MP3, Ogg Vorbis, Opus, AIFF, ...),
+# not by its name; what soundfile cannot read converts with this.
+CONVERT = "M4A/AAC or video converts with: ffmpeg -i IN -ar 16000 -ac 1 OUT.flac"
 TOO_SHORT = f"shorter than one analysis window ({1000 * WINDOW // SAMPLE_RATE} ms)"
-# Below this RMS a recording holds no speech: per-utterance normalization would lift its noise floor
-# (16-bit dither is at -98 dBFS) to the level of speech, and the model would read words into it. The
-# quietest of AN4's 1,078 recordings is at -48 dBFS, of Mini LibriSpeech's 1,519 at -40 (RESULTS.md).
-SILENCE_DBFS = -70.0
-SILENT = f"silent (below {SILENCE_DBFS:.0f} dBFS)"
+# A recording whose loudest 10 ms frames are within this of its quietest holds nothing to decode: digital
+# silence or a steady noise floor. Speech, however quiet, spans 20 dB and more between its syllables and
+# its pauses. Level cannot tell them apart: per-utterance normalization lifts a -98 dBFS dither floor to
+# the level of speech (the model read 873 words into one), and quiet speech is as clear as loud.
+SILENCE_RANGE_DB = 6.0
+SILENT = f"silent (digital silence or a steady noise floor: its levels span under {SILENCE_RANGE_DB:.0f} dB)"
 LAYOUTS = ("a LibriSpeech-layout directory (<speaker>/<chapter>/<speaker>-<chapter>.trans.txt "
            "beside the .flac files) or a TSV manifest (audio path<TAB>transcript)")
 # Characters that separate words in running text become spaces rather than vanishing.
@@ -86,10 +89,11 @@ def read_lines(path, expected=LAYOUTS):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save it as UTF-8. "
-                        f"Expected {expected}.") from None
+        raise InputError(f"{path}:{line}: neither audio that soundfile reads nor UTF-8 text (byte "
+                         f"{raw[e.start]:#04x}); save text as UTF-8. Expected {expected}. {CONVERT}") from None
     if "\0" in text:
-        raise InputError(f"{path}: a binary file, not text. Expected {expected}.")
+        raise InputError(f"{path}: a binary file, neither audio that soundfile reads nor text. Expected "
+                         f"{expected}. {CONVERT}")
     return text.splitlines()
 
 
@@ -117,7 +121,7 @@ def transcript_lines(path, skip):
     files = list(files_under(path, skip))
     items = _read_librispeech(files, skip)
     listed = {audio for _, audio, _ in items}
-    unlisted = [f for f in files if f.suffix.lower() in AUDIO_SUFFIXES and f not in listed]
+    unlisted = [f for f in files if f not in listed and not f.name.endswith(".trans.txt") and is_audio(f)]
     return items + [(f.stem, f, None) for f in unlisted]
 
 
@@ -214,7 +218,7 @@ def read_corpus(paths, log=print):
     for path in map(Path, paths):
         if not path.exists():
             raise InputError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
-        if path.suffix.lower() in AUDIO_SUFFIXES:
+        if is_audio(path):
             raise InputError(f"{path} is an audio file, not a corpus. Expected {LAYOUTS}.")
         items, present = [], []
         for item in transcript_lines(path, skip):
@@ -280,8 +284,25 @@ def load_audio(path):
     return wave
 
 
+def is_audio(path):
+    """Whether soundfile opens this regular file as audio, whatever its name."""
+    if not Path(path).is_file():  # a named pipe would block the read
+        return False
+    try:
+        soundfile.info(str(path))
+    except (RuntimeError, TypeError):  # soundfile.LibsndfileError, or a header it cannot parse
+        return False
+    return True
+
+
 def is_silent(wave):
-    return bool(wave.square().mean() < 10 ** (SILENCE_DBFS / 10))
+    """Whether a waveform holds nothing to decode (see SILENCE_RANGE_DB): no energy, or the 99th percentile
+    of its 10 ms frames' energy within SILENCE_RANGE_DB of the 10th."""
+    frames = wave[:len(wave) // HOP * HOP].reshape(-1, HOP).double().square().mean(1)
+    if len(frames) == 0 or not bool(frames.max() > 0):
+        return True
+    loud, quiet = torch.quantile(frames, torch.tensor([0.99, 0.10], dtype=torch.float64))
+    return bool(loud < quiet * 10 ** (SILENCE_RANGE_DB / 10))
 
 
 def load_usable_audio(path):
@@ -293,7 +314,7 @@ def load_usable_audio(path):
     try:
         wave = load_audio(path)
     except (RuntimeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
-        return None, f"unreadable audio ({e})"
+        return None, f"unreadable audio ({e}); {CONVERT}"
     if len(wave) < WINDOW:
         return None, TOO_SHORT
     if not bool(torch.isfinite(wave).all()):

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from data import InputError
 from model import BLANK, FRAMES_PER_SECOND, HOP, SAMPLE_RATE, VOCAB, WINDOW, greedy_spans, lengths_mask
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
+PROGRESS_SECONDS = 30  # how often the progress line is written when stderr is not a terminal
 WINDOW_BATCHES = 32   # inputs are sorted by length this many batches at a time, then written in order
 # The decoder's names for our symbols: the blank stays "_", the space is its word boundary "|".
 TOKENS = ["|" if symbol == " " else symbol for symbol in VOCAB]
@@ -200,20 +202,19 @@ def split_chunks(wave, chunk_seconds):
 def resolve_inputs(paths):
     """Inputs -> ([(id, audio path, reference text or None)], inputs that name no recording). Every
     recording is decoded; its transcript only decides whether it is scored: not when train.py
-    would not train on it (digits, nothing to say). A file is audio if its name ends in one of
-    data.AUDIO_SUFFIXES, else a manifest. An id is the file's name (or the corpus's utterance id);
+    would not train on it (digits, nothing to say). A file is audio if soundfile opens it, whatever
+    its name, else a manifest. An id is the file's name (or the corpus's utterance id);
     ids that two recordings share become their paths. Problems go to stderr."""
     utterances, unusable, unscored = [], 0, collections.Counter()
     for path in map(Path, paths):
-        if not (path.is_dir() or path.is_file() and path.suffix.lower() not in data.AUDIO_SUFFIXES):
+        if not (path.is_dir() or path.is_file() and not data.is_audio(path)):
             utterances.append((path.stem, path, None))  # audio, or what its loading will name
             continue
         try:
             lines = data.transcript_lines(path, skip=lambda why, what: print(f"error: {what}: {why}",
                                                                               file=sys.stderr))
             if not lines:
-                raise InputError(f"{path}: no audio files ({', '.join(data.AUDIO_SUFFIXES)}) and no "
-                                 f"transcripts")
+                raise InputError(f"{path}: no audio files that soundfile reads and no transcripts")
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             unusable += 1
@@ -281,12 +282,11 @@ class Inputs(torch.utils.data.Dataset):
         return i, None if wave is None else wave.numpy(), problem
 
 
-def decode_in_order(model, paths, device, args, spans):
+def decode_in_order(model, paths, seconds, device, args, spans):
     """(input index, text, words, problem) for every input, in input order, as each window of
     consecutive inputs is done. Workers read the audio while the model decodes; within a window
-    the inputs are batched by length. Memory does not grow with the number of inputs."""
-    info = data.audio_info([Path(p) for p in paths])
-    seconds = [info[Path(p)][0] / info[Path(p)][1] if info[Path(p)] else 0.0 for p in paths]
+    the inputs are batched by length (seconds: each input's, 0 where unknown). Memory does not grow
+    with the number of inputs."""
     batches, start = [], 0
     while start < len(paths):  # a window: about WINDOW_BATCHES batches of consecutive inputs
         end = start + 1
@@ -303,7 +303,7 @@ def decode_in_order(model, paths, device, args, spans):
         results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
                              args.chunk_seconds, spans, args.bf16) if usable else []
         done.update({i: (i, None, None, problem) for i, _, problem in items if problem})
-        done.update({i: (i, "", [], None) for i, _, problem in items if problem == data.SILENT})  # no words
+        done.update({i: (i, "", [], problem) for i, _, problem in items if problem == data.SILENT})  # no words
         done.update({i: (i, text, words, None) for (i, _), (text, words) in zip(usable, results)})
         while next_index in done:
             yield done.pop(next_index)
@@ -325,6 +325,8 @@ def build_parser():
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast; default: on for CUDA only (on a CPU with AVX512-BF16 it is "
                              "1.4x faster but moved AN4 test WER by 0.4 points: RESULTS.md)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr (it is never on "
+                        "stdout)")
     parser.add_argument("--timestamps", action="store_true",
                         help='JSON lines: {"id", "text", "words": [{"word", "start", "end"}]}, seconds')
     beam = parser.add_argument_group("beam search (with --lm or --lexicon; the default is greedy)")
@@ -355,26 +357,75 @@ def decode_inputs(args):
     utterances, unusable = resolve_inputs(args.inputs)
     single = len(args.inputs) == len(utterances) == 1 and Path(args.inputs[0]).is_file() \
         and utterances[0][2] is None
-    scored, failed = [], 0
-    for i, text, words, problem in decode_in_order(model, [p for _, p, _ in utterances], device, args, spans):
+    paths = [p for _, p, _ in utterances]
+    info = data.audio_info([Path(p) for p in paths])
+    seconds = [info[Path(p)][0] / info[Path(p)][1] if info[Path(p)] else 0.0 for p in paths]
+    progress = ProgressLine(seconds, quiet=args.quiet or len(paths) < 2)
+    scored, failed, silent = [], 0, 0
+    for i, text, words, problem in decode_in_order(model, paths, seconds, device, args, spans):
         utt_id, path, ref = utterances[i]
-        if problem:
-            print(f"warning: {printable(path)}: {problem}; skipped", file=sys.stderr)
+        progress.advance(seconds[i])
+        if problem == data.SILENT:  # nothing to say: an empty transcript, and why on stderr
+            progress.say(f"note: {printable(path)}: {problem}; no words")
+            silent += 1
+        elif problem:
+            progress.say(f"warning: {printable(path)}: {problem}; skipped")
             failed += 1
-        elif args.timestamps:
+            continue
+        if args.timestamps:
             print(json.dumps({"id": utt_id, "text": text, "words": words}), flush=True)
         else:
             print(text if single else f"{printable(utt_id)}\t{text}", flush=True)
-        if ref is not None and not problem:
+        if ref is not None:
             scored.append((ref, text))
+    progress.close()
     if failed == len(utterances):
         raise InputError("nothing was decoded")
     if scored:
         wer, cer = data.error_rates(*zip(*scored))
         print(f"WER {wer:.2f}%  CER {cer:.2f}%  ({len(scored)} utterances with references)", file=sys.stderr)
+    if silent and len(utterances) > 1:
+        print(f"note: {silent} of {len(utterances)} recordings were silent and decoded to nothing"
+              f"{' (each scored as all deletions)' if scored else ''}", file=sys.stderr)
     if failed or unusable:
-        print(f"warning: {failed} of {len(utterances)} recordings could not be decoded"
-              + f"; {unusable} inputs named no recording" * bool(unusable), file=sys.stderr)
+        named_none = f"; {unusable} inputs named no recording" if unusable else ""
+        print(f"warning: {failed} of {len(utterances)} recordings could not be decoded{named_none}",
+              file=sys.stderr)
+
+
+class ProgressLine:
+    """How far decoding is, on stderr only (stdout stays the transcripts): on a terminal one line
+    rewritten in place, otherwise a plain line every PROGRESS_SECONDS; nothing when quiet."""
+
+    def __init__(self, seconds, quiet):
+        self.total, self.total_audio, self.quiet = len(seconds), sum(seconds), quiet
+        self.terminal = sys.stderr.isatty()
+        self.done, self.audio, self.started, self.shown, self.drawn = 0, 0.0, time.time(), time.time(), False
+
+    def advance(self, audio_seconds):
+        self.done, self.audio, now = self.done + 1, self.audio + audio_seconds, time.time()
+        wait = 0.2 if self.terminal else PROGRESS_SECONDS
+        if self.quiet or (now - self.shown < wait and self.done < self.total):
+            return
+        self.shown, speed = now, self.audio / max(now - self.started, 1e-6)
+        eta = (self.total_audio - self.audio) / max(speed, 1e-6)
+        line = (f"decoded {self.done}/{self.total} recordings, {self.audio / 60:.1f} of "
+                f"{self.total_audio / 60:.1f} min of audio, {speed:.0f}x realtime, ETA {eta / 60:.1f} min")
+        if self.terminal:
+            print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
+            self.drawn = True
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def say(self, message):
+        """A message on stderr, on a line of its own."""
+        self.close()
+        print(message, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.drawn:  # the cursor is at the end of the progress line
+            print(file=sys.stderr, flush=True)
+            self.drawn = False
 
 
 def printable(name):

@@ -94,8 +94,10 @@ def fetch_archive(url, archive):
         fetch(url, archive)
     except (OSError, urllib.error.URLError) as e:
         have = archive.stat().st_size if archive.exists() else 0
-        raise DownloadError(f"downloading {url}: {e}. Run the same command again: it continues from "
-                            f"the {have:,} bytes in {archive} (or pick another --base-url).") from None
+        again = "Run the same command again when the server answers"
+        if have:
+            again = f"Run the same command again: it continues from the {have:,} bytes in {archive}"
+        raise DownloadError(f"downloading {url}: {e}. {again} (or pick another --base-url).") from None
 
 
 def digest_of(path, digest):
@@ -135,6 +137,10 @@ def download_librispeech(subsets, root, base_url=None):
     """Fetch, verify and extract LibriSpeech subsets into root/LibriSpeech/<subset>, from OpenSLR or
     base_url (a folder serving <subset>.tar.gz). Every archive is checked against OpenSLR's
     published MD5, whichever mirror served it."""
+    for folder in (root / "LibriSpeech", *(root / "LibriSpeech" / subset for subset in subsets)):
+        if folder.exists() and not folder.is_dir():  # found now, not after the download and extraction
+            raise DownloadError(f"{folder} is a file where the corpus's folder goes: move it away, or pick "
+                                f"another --root")
     for subset in subsets:
         resource, md5 = PUBLISHED_MD5[subset]
         url = f"{base_url or f'{OPENSLR}/{resource}'}/{subset}.tar.gz"

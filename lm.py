@@ -134,6 +134,30 @@ def lm_outputs(path):
     return path, path.with_suffix(".lexicon.txt")
 
 
+def read_word_list(path):
+    """The words of a word list: the first field of each line (a pronunciation lexicon's other fields are
+    phones), spelled as the model spells. A first field that is no such word (digits, symbols, spaces
+    once normalized) is left out, counted and named on stderr, not mangled into another word."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DownloadError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+    words, left_out = [], []
+    for line in lines:
+        fields = line.split()
+        if not fields:
+            continue
+        word, dropped = normalize(fields[0])
+        if word and not dropped and " " not in word and not any(c.isdigit() for c in fields[0]):
+            words.append(word)
+        else:
+            left_out.append(fields[0])
+    if left_out:
+        print(f"note: {path}: {len(left_out)} entries are not words spelled with a-z and apostrophe and "
+              f"were left out (e.g. {', '.join(left_out[:5])})", file=sys.stderr)
+    return words
+
+
 def build_lm(text_paths, out, order, vocab=None):
     """Every file it would write is checked before any work: none may exist, their folder must."""
     taken = [str(p) for p in lm_outputs(out) if p.exists()]
@@ -142,7 +166,7 @@ def build_lm(text_paths, out, order, vocab=None):
                             f"should go, or pick another --out.")
     if not out.parent.is_dir():
         raise DownloadError(f"--out {out}: the folder {out.parent} does not exist; create it first")
-    extra_words = [word for words in read_sentences([vocab]) for word in words] if vocab else []
+    extra_words = read_word_list(vocab) if vocab else []
     sentences = list(read_sentences(text_paths))
     if not sentences:
         raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled with a-z and "
