@@ -30,8 +30,10 @@ import torchaudio
 from model import HOP, SAMPLE_RATE, VOCAB, WINDOW  # the model's input rate and frames, its output symbols
 
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
-# Audio is told by its content (whatever soundfile opens: FLAC, WAV, MP3, Ogg Vorbis, Opus, AIFF, ...),
-# not by its name; what soundfile cannot read converts with this.
+# A recording is a file soundfile opens (FLAC, WAV, MP3, Ogg Vorbis, Opus, AIFF, ...), whatever its name,
+# or one named as audio or video is: a file so named that soundfile cannot read is told so, with this.
+AUDIO_NAMES = (".flac", ".wav", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".m4a", ".aac", ".mp4",
+               ".webm", ".wma", ".amr", ".3gp", ".mov", ".mkv")
 CONVERT = "M4A/AAC or video converts with: ffmpeg -i IN -ar 16000 -ac 1 OUT.flac"
 TOO_SHORT = f"shorter than one analysis window ({1000 * WINDOW // SAMPLE_RATE} ms)"
 # A recording whose loudest 10 ms frames are within this of its quietest holds nothing to decode: digital
@@ -89,8 +91,8 @@ def read_lines(path, expected=LAYOUTS):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: neither audio that soundfile reads nor UTF-8 text (byte "
-                         f"{raw[e.start]:#04x}); save text as UTF-8. Expected {expected}. {CONVERT}") from None
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}), nor audio that soundfile "
+                         f"reads; save text as UTF-8. Expected {expected}. {CONVERT}") from None
     if "\0" in text:
         raise InputError(f"{path}: a binary file, neither audio that soundfile reads nor text. Expected "
                          f"{expected}. {CONVERT}")
@@ -121,7 +123,7 @@ def transcript_lines(path, skip):
     files = list(files_under(path, skip))
     items = _read_librispeech(files, skip)
     listed = {audio for _, audio, _ in items}
-    unlisted = [f for f in files if f not in listed and not f.name.endswith(".trans.txt") and is_audio(f)]
+    unlisted = [f for f in files if f not in listed and not f.name.endswith(".trans.txt") and is_recording(f)]
     return items + [(f.stem, f, None) for f in unlisted]
 
 
@@ -218,7 +220,7 @@ def read_corpus(paths, log=print):
     for path in map(Path, paths):
         if not path.exists():
             raise InputError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
-        if is_audio(path):
+        if is_recording(path):
             raise InputError(f"{path} is an audio file, not a corpus. Expected {LAYOUTS}.")
         items, present = [], []
         for item in transcript_lines(path, skip):
@@ -282,6 +284,11 @@ def load_audio(path):
     if rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
     return wave
+
+
+def is_recording(path):
+    """Whether a file is a recording: named as audio (AUDIO_NAMES), or audio that soundfile opens."""
+    return Path(path).suffix.lower() in AUDIO_NAMES or is_audio(path)
 
 
 def is_audio(path):

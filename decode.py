@@ -202,12 +202,12 @@ def split_chunks(wave, chunk_seconds):
 def resolve_inputs(paths):
     """Inputs -> ([(id, audio path, reference text or None)], inputs that name no recording). Every
     recording is decoded; its transcript only decides whether it is scored: not when train.py
-    would not train on it (digits, nothing to say). A file is audio if soundfile opens it, whatever
-    its name, else a manifest. An id is the file's name (or the corpus's utterance id);
+    would not train on it (digits, nothing to say). A file is a recording if soundfile opens it or
+    its name says audio (data.is_recording), else a manifest. An id is the file's name (or the corpus's utterance id);
     ids that two recordings share become their paths. Problems go to stderr."""
     utterances, unusable, unscored = [], 0, collections.Counter()
     for path in map(Path, paths):
-        if not (path.is_dir() or path.is_file() and not data.is_audio(path)):
+        if not (path.is_dir() or path.is_file() and not data.is_recording(path)):
             utterances.append((path.stem, path, None))  # audio, or what its loading will name
             continue
         try:
