@@ -2,6 +2,7 @@
 CPU only, no network: every corpus is made here with numpy."""
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -245,3 +246,24 @@ def read_or_empty(path):
     except OSError:  # the process ended while we looked
         return b""
 
+
+
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory):
+    """One tiny run, trained once for the tests that only need some checkpoint: a corpus (train, dev)
+    and a run stopped by --max-minutes after its first step (so its last.pt can be resumed)."""
+    root = tmp_path_factory.mktemp("trained_once")
+    train_dir, dev_dir = make_corpus(root, 10, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        train.train(train_flags(train_dir, dev_dir, root / "run", "--epochs", "2", "--eval-every", "100",
+                                "--max-minutes", "1e-9"))
+    return root
+
+
+@pytest.fixture
+def stopped_run(trained_once, tmp_path):
+    """A copy of trained_once's run folder in this test's tmp_path, free to change: its path."""
+    shutil.copytree(trained_once / "run", tmp_path / "run")
+    (tmp_path / "run/train.lock").unlink(missing_ok=True)
+    return tmp_path / "run"

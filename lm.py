@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import math
 import sys
+import time
 from pathlib import Path
 
 import download
@@ -158,8 +159,15 @@ def read_word_list(path):
     return words
 
 
-def build_lm(text_paths, out, order, vocab=None):
-    """Every file it would write is checked before any work: none may exist, their folder must."""
+def build_lm(text_paths, out, order, vocab=None, quiet=False):
+    """Every file it would write is checked before any work: none may exist, their folder must. Each
+    stage is said on stderr as it ends, with the time so far (a book collection takes minutes)."""
+    started = time.time()
+
+    def stage(done):
+        if not quiet:
+            print(f"lm.py build: {done} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+
     taken = [str(p) for p in lm_outputs(out) if p.exists()]
     if taken:
         raise DownloadError(f"{' and '.join(taken)}: already there; nothing was written. Remove what "
@@ -171,7 +179,9 @@ def build_lm(text_paths, out, order, vocab=None):
     if not sentences:
         raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled with a-z and "
                             f"apostrophes (digits and other symbols are dropped); nothing was written")
+    stage(f"read {len(sentences):,} sentences, {sum(map(len, sentences)):,} words")
     model = kneser_ney(sentences, order, extra_words)
+    stage(f"estimated the {order}-gram model")
     write_arpa(model, out)
     print(f"{out}: {', '.join(f'{len(grams):,} {n}-grams' for n, grams in enumerate(model, 1))}; "
           f"lexicon {out.with_suffix('.lexicon.txt')}", file=sys.stderr)
@@ -231,6 +241,7 @@ def main(argv=None):
     build.add_argument("--out", type=Path, required=True, help="the ARPA file (and its .lexicon.txt)")
     build.add_argument("--order", type=int, default=3, choices=range(2, 7), metavar="N",
                        help="n of the n-gram LM (2-6: KenLM reads bigrams and longer)")
+    build.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     build.add_argument("--vocab", type=Path, help="a word list (a word per line, e.g. LibriSpeech's "
                        "librispeech-vocab.txt) whose words the LM and its lexicon also hold")
     fetch = commands.add_parser("librispeech", help="LibriSpeech's official LMs (openslr.org/11)")
@@ -241,7 +252,7 @@ def main(argv=None):
                        help="another location of the files; they are checked against the official SHA-256s")
     args = parser.parse_args(argv)
     if args.command == "build":
-        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order, args.vocab),
+        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order, args.vocab, args.quiet),
                                 interrupted=f"interrupted; nothing was written to {args.out} (it is written "
                                             f"whole or not at all)")
     else:

@@ -149,14 +149,16 @@ def claim_run_dir(args, resuming_here):
     """Create the run folder (or reopen it, to resume there) and lock it for this process; sets
     args.run_dir. Returns the lock file, to hold open for the whole run: the kernel releases the lock
     when the process ends, even by kill -9. A folder that holds a run is refused unless resumed there."""
+    typed = args.run_dir is not None
     try:
         args.run_dir = args.run_dir or new_run_dir()
         run_dir = Path(args.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / "train.lock", "a+")
     except OSError as e:
-        raise InputError(f"--run-dir {e.filename}: cannot write there ({e.strerror}); pick another "
-                         f"--run-dir") from None
+        where = "--run-dir" if typed else "the default run folder (runs/<date>-<time> here)"
+        raise InputError(f"{where} {e.filename}: cannot write there ({e.strerror}); pick a --run-dir "
+                         f"where you can write") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         check_run_dir(run_dir, resuming_here)  # again: another process may have started there meanwhile

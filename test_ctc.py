@@ -496,10 +496,7 @@ def test_resume_refuses_changed_data_another_world_size_and_finds_relative_paths
                                                          "train.py --resume r/last.pt"
 
 
-def test_resume_checks_weights_and_optimizer_before_the_folder_is_touched(tmp_path):
-    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
-    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100",
-                           "--max-minutes", "1e-9"))
+def test_resume_checks_weights_and_optimizer_before_the_folder_is_touched(tmp_path, stopped_run):
     good = torch.load(tmp_path / "run/last.pt", weights_only=True)
     renamed = {("renamed" if k.endswith("output.weight") else k): v for k, v in good["model"].items()}
     state = good["optimizer"]
@@ -566,10 +563,7 @@ def test_resume_checks_transcripts_and_follows_a_moved_corpus(tmp_path):
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 2
 
 
-def test_resume_refuses_a_checkpoint_of_an_older_train_py_or_a_foreign_pickle(tmp_path):
-    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
-    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100",
-                            "--max-minutes", "1e-9"))
+def test_resume_refuses_a_checkpoint_of_an_older_train_py_or_a_foreign_pickle(tmp_path, stopped_run):
     old = torch.load(tmp_path / "run/last.pt", weights_only=True)
     del old["train_config"]["max_minutes"]
     torch.save(old, tmp_path / "old.pt")

@@ -123,6 +123,12 @@ def test_a_mirror_that_is_unreachable_or_a_root_that_cannot_be_written_is_named(
     result = run_script("download.py", "dev-clean", "--root", tmp_path / "root", "--base-url", closed)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{closed}/dev-clean.tar.gz" in result.stderr and "Run the same command again" in result.stderr
+    assert "continues from the 0 bytes" not in result.stderr  # nothing was fetched: nothing to continue
+    (tmp_path / "root2").mkdir()
+    (tmp_path / "root2/LibriSpeech").write_text("")  # found before any download, not after
+    result = run_script("download.py", "dev-clean", "--root", tmp_path / "root2", "--base-url", closed)
+    assert result.returncode != 0 and "LibriSpeech is a file where the corpus's folder goes" in result.stderr
+    assert "downloading" not in result.stderr
     (tmp_path / "file").write_text("")
     result = run_script("download.py", "an4", "--root", tmp_path / "file/root", "--base-url", closed)
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -257,6 +263,23 @@ def test_lm_build_vocab_adds_the_words_the_text_lacks_at_the_unknown_words_proba
         assert total == pytest.approx(1, abs=1e-5), history
     assert arpa_log10(model, ("abc",), "gh") == arpa_log10(model, ("abc",), "<unk>") < arpa_log10(
         model, ("abc",), "de")
+
+
+def test_lm_build_vocab_takes_each_lines_first_word_and_names_what_is_not_a_word(tmp_path, capsys):
+    """A word list is a word a line (first field): pronunciations, our own lexicon's spellings and entries
+    such as 4TH or MP3 must not become words (th, ah, mp, single letters)."""
+    (tmp_path / "book.txt").write_text("fg de\n")
+    (tmp_path / "vocab.txt").write_text("HELLO  HH AH L OW\nWORLD\tw o r l d |\n4TH\n2ND\nMP3\nSO-SO\n"
+                                        "I'D AY D\n")
+    out = tmp_path / "lm.arpa"
+    lm.main(["build", str(tmp_path / "book.txt"), "--vocab", str(tmp_path / "vocab.txt"), "--out", str(out)])
+    words = [line.split("\t")[0] for line in (tmp_path / "lm.lexicon.txt").read_text().splitlines()]
+    assert words == ["de", "fg", "hello", "i'd", "world"]
+    err = capsys.readouterr().err
+    assert "4 entries are not words" in err and "4TH, 2ND, MP3, SO-SO" in err
+    assert "lm.py build: read 1 sentences" in err and "estimated the 3-gram model" in err
+    lm.main(["build", str(tmp_path / "book.txt"), "--out", str(tmp_path / "quiet.arpa"), "--quiet"])
+    assert "lm.py build:" not in capsys.readouterr().err
 
 
 def test_lm_out_refuses_what_exists_and_what_cannot_be_written_before_any_work(tmp_path):
@@ -460,9 +483,18 @@ def test_ablation_refuses_bad_outs_and_typos_and_stores_no_interrupted_row(tmp_p
     (tmp_path / "file").write_text("x")
     (tmp_path / "cut/").mkdir()
     (tmp_path / "cut/results.json").write_text('{"minutes": 0.01, "ro')
+    settings = '"minutes": 0.01, "data": [%s], "dev": [%s], "seed": 0, "eval_every": 2' % (
+        json.dumps(str(train_dir.absolute())), json.dumps(str(dev_dir.absolute())))
+    for name, rows in (("null", "null"), ("unnamed", '[{"what": "a row without its name"}]')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text("{%s, \"rows\": %s}" % (settings, rows))
+    (tmp_path / "folder/results.json").mkdir(parents=True)
     cases = [(["--out", str(train_dir / "table")], "inside the corpus"),
              (["--out", str(tmp_path / "file")], "is a file"),
              (["--out", str(tmp_path / "cut")], "not a table ablation.py wrote"),
+             (["--out", str(tmp_path / "null")], "not a table ablation.py wrote"),
+             (["--out", str(tmp_path / "unnamed")], "not a table ablation.py wrote"),
+             (["--out", str(tmp_path / "folder")], "not a table ablation.py wrote"),
              (["--out", str(tmp_path / "typo"), "--dev", str(tmp_path / "dve")], "no such file")]
     for extra, problem in cases:
         with pytest.raises(SystemExit, match=problem):
