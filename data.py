@@ -91,8 +91,8 @@ def read_lines(path, expected=LAYOUTS):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}), nor audio that soundfile "
-                         f"reads; save text as UTF-8. Expected {expected}. {CONVERT}") from None
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}), nor audio that "
+                         f"soundfile reads; save text as UTF-8. Expected {expected}. {CONVERT}") from None
     if "\0" in text:
         raise InputError(f"{path}: a binary file, neither audio that soundfile reads nor text. Expected "
                          f"{expected}. {CONVERT}")

@@ -203,8 +203,8 @@ def resolve_inputs(paths):
     """Inputs -> ([(id, audio path, reference text or None)], inputs that name no recording). Every
     recording is decoded; its transcript only decides whether it is scored: not when train.py
     would not train on it (digits, nothing to say). A file is a recording if soundfile opens it or
-    its name says audio (data.is_recording), else a manifest. An id is the file's name (or the corpus's utterance id);
-    ids that two recordings share become their paths. Problems go to stderr."""
+    its name says audio (data.is_recording), else a manifest. An id is the file's name (or the
+    corpus's utterance id); ids that two recordings share become their paths. Problems go to stderr."""
     utterances, unusable, unscored = [], 0, collections.Counter()
     for path in map(Path, paths):
         if not (path.is_dir() or path.is_file() and not data.is_recording(path)):
@@ -303,7 +303,8 @@ def decode_in_order(model, paths, seconds, device, args, spans):
         results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
                              args.chunk_seconds, spans, args.bf16) if usable else []
         done.update({i: (i, None, None, problem) for i, _, problem in items if problem})
-        done.update({i: (i, "", [], problem) for i, _, problem in items if problem == data.SILENT})  # no words
+        silent = {i: (i, "", [], problem) for i, _, problem in items if problem == data.SILENT}
+        done.update(silent)  # no words, and the reason
         done.update({i: (i, text, words, None) for (i, _), (text, words) in zip(usable, results)})
         while next_index in done:
             yield done.pop(next_index)

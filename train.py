@@ -218,9 +218,8 @@ def build_loaders(args, train_set, dev_set, rank, world_size, pin_memory, log):
         raise InputError(f"fewer batches than processes; lower --batch-seconds ({args.batch_seconds})")
     left_out = len(sampler.batches) - world_size * len(sampler)
     if left_out:  # every rank takes the same number of steps, so each epoch leaves these few batches out
-        log(f"data: {len(sampler.batches)} batches an epoch over {world_size} processes: {left_out} of "
-            f"them (a different few each epoch) are left out of each epoch so that every process takes "
-            f"{len(sampler)} steps")
+        log(f"data: {len(sampler.batches)} batches an epoch over {world_size} processes, {len(sampler)} "
+            f"steps each: the last {left_out} of each epoch's order (others each epoch) are left out of it")
     dev_batches = data.BucketBatches([u["seconds"] for u in dev_set], args.batch_seconds, shuffle=False)
     dev_loader = data.batch_loader(dev_set, dev_batches, args.workers, pin_memory)
     if rank == 0:  # the rank that evaluates
