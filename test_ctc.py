@@ -324,6 +324,11 @@ def test_a_run_folder_that_holds_a_run_is_refused_and_a_live_run_locks_its_folde
         runs.claim_run_dir(args, None).close()
         names.append(args.run_dir)
     assert names == ["runs/20260101-000000", "runs/20260101-000000-2", "runs/20260101-000000-3"]
+    # A stopped two-process run is continued as it was launched, not with `python train.py --resume`.
+    (tmp_path / "two").mkdir()
+    torch.save({"world_size": 2}, tmp_path / "two/last.pt")
+    with pytest.raises(InputError, match="torchrun --standalone --nproc_per_node=2 train.py --resume"):
+        runs.check_run_dir(tmp_path / "two", False)
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):

@@ -314,16 +314,17 @@ def train(argv=None, model=None):
             run.metrics = cleanup.enter_context(open(run.dir / "metrics.jsonl", "a", buffering=1))
         stop = catch_stop_signals(cleanup)  # a list, checked once per step
         ended = train_loop(run, loader, sampler, progress, stop)
+        caught = stop[0] if stop else signal.SIGTERM  # none here: a signal to another rank stopped it
         if master and ended != "finished":
             why = f"--max-minutes {args.max_minutes} reached"
             if ended == "signal":
-                why = f"stopped by signal {stop[0]}"
+                why = f"stopped by signal {caught}"
             log(f"{why} at step {progress.step}; {run.dir / 'last.pt'} saved. Continue with:\n"
                 f"  {runs.resume_command(run.dir / 'last.pt', world_size)}")
         if world_size > 1:
             dist.barrier()  # the others wait for rank 0's final evaluation and save, then all leave together
     if ended == "signal":
-        raise Stopped(stop[0] if stop else signal.SIGTERM)
+        raise Stopped(caught)
     return average or model
 
 
