@@ -34,8 +34,9 @@ from torch import nn
 import data
 import runs
 import train
+from health import gradient_norms_by_block
 from model import (BLANK, TIME_STRIDES, VOCAB, BiGRULayer, CTCModel, ModelConfig, frame_lengths,
-                   gradient_norms_by_block, greedy_decode, lengths_mask)
+                   greedy_decode, lengths_mask)
 
 # The AN4 recipe: its file, wherever this script is run from.
 RECIPE = [f"@{Path(__file__).resolve().parent / 'recipes' / 'an4.args'}"]

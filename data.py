@@ -1,9 +1,13 @@
 """Corpora, text, audio, batches and the error rates they are scored by; and the error users see
 (InputError). download.py gets the corpora. Imports only model.py: with it, this file works alone.
 
-    corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])
+    corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])   # or one path
+    corpus = filter_trainable(corpus, max_seconds=30, output_frames=model.output_lengths)
     batches = BucketBatches([u["seconds"] for u in corpus], batch_seconds=800, seed=0)
     loader = batch_loader(corpus, batches, workers=2, pin_memory=False)   # padded batches
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)                  # else every epoch repeats epoch 0's order
+        for batch in loader: ...                  # a None batch: every file in it was unusable
     wer, cer = error_rates(references, hypotheses)                        # corpus-level, in %
 
 A corpus is a LibriSpeech-layout directory (<root>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
@@ -12,11 +16,9 @@ the manifest). Utterances are batched by total padded audio seconds from length-
 buckets; the batch order is reshuffled every epoch from (seed, epoch), so it can be replayed.
 """
 import collections
-import contextlib
 import hashlib
 import json
 import os
-import signal
 import stat
 import sys
 import unicodedata
@@ -147,16 +149,17 @@ def _read_manifest(path):
     return items
 
 
-def audio_info(paths):
-    """{path: (frames, sample_rate) or None if unreadable} from file headers, cached on disk by
-    (path, size, mtime) so the second start on a large corpus does not reopen every file."""
-    cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctc-baseline"
-    key = hashlib.sha1("\n".join(sorted(str(p) for p in paths)).encode()).hexdigest()[:16]
-    cache_file = cache_dir / f"durations-{key}.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
+def audio_info(paths, cache_dir=None):
+    """{path: (frames, sample_rate) or None if unreadable} from file headers; with cache_dir, cached
+    there by (path, size, mtime), so that the second start on a large corpus does not reopen every file."""
+    cache, cache_file = {}, None
+    if cache_dir is not None:
+        key = hashlib.sha1("\n".join(sorted(str(p) for p in paths)).encode()).hexdigest()[:16]
+        cache_file = Path(cache_dir) / f"durations-{key}.json"
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
     cache = cache if isinstance(cache, dict) else {}  # valid JSON of another shape: rebuilt
     info, changed = {}, False
     for p in paths:
@@ -178,9 +181,9 @@ def audio_info(paths):
                 entry = [stamp, None]
             cache[str(p)], changed = entry, True
         info[p] = entry[1]
-    if changed:
+    if changed and cache_file:
         try:  # a cache we cannot write only costs time on the next start
-            cache_dir.mkdir(parents=True, exist_ok=True)
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(cache))
             os.replace(tmp, cache_file)  # whole or not at all: another start may read it meanwhile
@@ -206,9 +209,11 @@ def header_problem(header):
     return TOO_SHORT if header[0] / header[1] < WINDOW / SAMPLE_RATE else None
 
 
-def read_corpus(paths, log=print):
-    """Read corpora into a list of dicts {id, path, text, seconds}; log what was skipped and why.
-    Raises InputError naming the path when one holds no usable transcripts."""
+def read_corpus(paths, log=print, cache_dir=None):
+    """Read corpora (a path or a list of them) into a list of dicts {id, path, text, seconds}; log what
+    was skipped and why; cache_dir: see audio_info. Raises InputError naming the path when one holds
+    no usable transcripts."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     stats, named = collections.Counter(), collections.defaultdict(list)
 
     def skip(reason, what):
@@ -234,7 +239,7 @@ def read_corpus(paths, log=print):
                 skip("audio file missing (or not a regular file)", item[1])
         if not items:
             raise InputError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
-        info, usable_before = audio_info([a for _, a, _ in present]), len(utterances)
+        info, usable_before = audio_info([a for _, a, _ in present], cache_dir), len(utterances)
         for utt_id, audio, raw in present:
             text, dropped = normalize(raw)
             stats["characters dropped by normalization"] += dropped
@@ -333,30 +338,6 @@ def load_usable_audio(path):
     return wave, None
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def ignore_signals(_):
-    """A DataLoader worker_init_fn: workers leave Ctrl-C and SIGTERM to the main process (train.py
-    saves and exits). One that came while the worker started (see signals_held) is dropped here."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Ctrl-C and SIGTERM wait until the block ends, as DataLoader workers are started in it: a
-    worker forked with them deliverable could die of one before ignore_signals() runs, and the
-    loader would fail with a traceback. The workers inherit the hold; this process gets the
-    signal when the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 class AudioDataset(torch.utils.data.Dataset):
     """Item i -> (waveform, token ids, text, id), or None when the file cannot be used;
     collate() drops those, so one bad file costs one utterance, not the run."""
@@ -393,12 +374,12 @@ def collate(items):
 
 
 # --------------------------------------------------------------------------------- batches
-def batch_loader(utterances, batches, workers, pin_memory):
+def batch_loader(utterances, batches, workers, pin_memory, worker_init_fn=None):
     """Padded batches (collate) of utterances, batches: a BucketBatches, read by workers processes. It
     has its own generator: a loader must not draw from the global RNG, or a resume would shift it."""
     return torch.utils.data.DataLoader(
         AudioDataset(utterances), batch_sampler=batches, collate_fn=collate, num_workers=workers,
-        pin_memory=pin_memory, worker_init_fn=ignore_signals, persistent_workers=workers > 0,
+        pin_memory=pin_memory, worker_init_fn=worker_init_fn, persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None, generator=torch.Generator())
 
 

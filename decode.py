@@ -296,7 +296,7 @@ def decode_in_order(model, paths, seconds, device, args, spans):
         batches += [[start + i for i in batch] for batch in window]
         start = end
     loader = torch.utils.data.DataLoader(Inputs(paths), batch_sampler=batches, collate_fn=list,
-                                         num_workers=args.workers, worker_init_fn=data.ignore_signals)
+                                         num_workers=args.workers, worker_init_fn=runs.ignore_signals)
     done, next_index = {}, 0
     for items in loader:
         usable = [(i, torch.from_numpy(wave)) for i, wave, problem in items if wave is not None]
@@ -359,7 +359,7 @@ def decode_inputs(args):
     single = len(args.inputs) == len(utterances) == 1 and Path(args.inputs[0]).is_file() \
         and utterances[0][2] is None
     paths = [p for _, p, _ in utterances]
-    info = data.audio_info([Path(p) for p in paths])
+    info = data.audio_info([Path(p) for p in paths], runs.cache_dir())
     seconds = [info[Path(p)][0] / info[Path(p)][1] if info[Path(p)] else 0.0 for p in paths]
     progress = ProgressLine(seconds, quiet=args.quiet or len(paths) < 2)
     scored, failed, silent = [], 0, 0

@@ -254,19 +254,3 @@ def greedy_decode(log_probs, out_lengths):
     """The best path's text; doubled or leading spaces, which a best path can hold, squeezed."""
     paths = greedy_spans(log_probs, out_lengths)
     return [" ".join("".join(symbol for symbol, _, _ in spans).split()) for spans in paths]
-
-
-def gradient_norms_by_block(model):
-    """Gradient norm of the front end, each GRU layer and the output layer. A block near zero
-    (vanishing) or far above the others (exploding) shows where to look."""
-    blocks = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            kind, index = name.split(".")[:2]  # layers.2.forward_gru.weight_hh_l0: GRU layer 2
-            block = "front end"
-            if kind == "layers":
-                block = f"rnn{index}"
-            elif kind == "output":
-                block = "output"
-            blocks[block] = blocks.get(block, 0.0) + p.grad.detach().float().pow(2).sum()
-    return {block: round(float(total) ** 0.5, 4) for block, total in blocks.items()}

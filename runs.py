@@ -1,5 +1,6 @@
 """The run folder: what train.py keeps on disk, the checks that keep it safe, and what decode.py
-needs of it. Also the flag types both commands share, and whole-or-nothing file writes.
+needs of it. Also what both commands share: flag types, whole-or-nothing file writes, the duration cache,
+and stop signals (Ctrl-C, SIGTERM) kept from DataLoader workers.
 
     lock = claim_run_dir(args, resuming_here)              # a new folder, or the resumed one; locked
     save_training_state(run_dir / "last.pt", model, ...)   # whole or not at all
@@ -22,6 +23,7 @@ import os
 import pickle
 import secrets
 import shlex
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +34,7 @@ import torch
 from data import InputError
 from model import VOCAB, CTCModel, ModelConfig
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 MODEL_KEYS = ("model_config", "model", "vocab")       # what rebuilds the model
 RESUME_KEYS = MODEL_KEYS + ("train_config", "optimizer", "step", "epoch", "batch_in_epoch", "best_wer",
@@ -97,6 +100,43 @@ def device(text):
         raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that PyTorch can use; "
                                          f"use --device cpu")
     return text
+
+
+def cache_dir():
+    """Where the commands keep what is slow to learn again: audio durations (data.audio_info)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctc-baseline"
+
+
+def ignore_signals(_):
+    """A DataLoader worker_init_fn: workers leave Ctrl-C and SIGTERM to the main process, which saves
+    (train.py) or prints what it decoded (decode.py). One that came while the worker started (see
+    signals_held) is dropped here."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends, as DataLoader workers are started in it: a
+    worker forked with them deliverable could die of one before ignore_signals() runs, and the
+    loader would fail with a traceback. The workers inherit the hold; this process gets the
+    signal when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def catch_stop_signals(cleanup):
+    """From now on Ctrl-C and SIGTERM append to the returned list, so that the loop can end its step or
+    evaluation, save and say how to resume; the old handlers come back when cleanup (an ExitStack) closes."""
+    stop = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        cleanup.callback(signal.signal, sig, handler)
+    return stop
 
 
 # ------------------------------------------------------------------------------ the folder
@@ -176,6 +216,20 @@ def claim_run_dir(args, resuming_here):
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return lock
+
+
+def claim_run_dir_on_rank_0(args, resuming_here, cleanup, ranks):
+    """Rank 0 claims the run folder (held until cleanup, an ExitStack, closes); every rank raises if it
+    could not, so that the others end with it rather than wait for it (only rank 0 prints the error).
+    ranks: train.Ranks."""
+    problem = None
+    if ranks.main:
+        try:
+            cleanup.enter_context(claim_run_dir(args, resuming_here))
+        except InputError as e:
+            problem = e
+    if ranks.agree(problem is not None)[0]:
+        raise problem or InputError("rank 0 could not claim the run folder")
 
 
 def logged_step(line):
@@ -269,9 +323,10 @@ def resume_args(build_parser, argv, args, may_change, build_model, world_size):
     given = {k: getattr(args, k) for k in vars(parser.parse_args(argv)) if k != "resume"}
     refused = [as_flag(k) for k in given if k not in may_change + ("run_dir",)]
     if refused:  # silently ignoring them would train something other than what was asked
-        raise InputError(f"--resume continues {path} with the flags it was started with; {' '.join(refused)} "
-                         f"cannot change mid-run (only {' '.join(map(as_flag, may_change))} can). "
-                         f"Drop them, or start a new run with a new --run-dir.")
+        raise InputError(f"--resume continues {path} with the flags it was started with, which the "
+                         f"checkpoint holds; {' '.join(refused)} cannot be typed with it, even unchanged (only "
+                         f"{' '.join(map(as_flag, may_change))} can). Drop them (and any recipe file), or "
+                         f"start a new run with a new --run-dir.")
     unknown = [as_flag(k) for k in vars(build_parser().parse_args([])) if k not in checkpoint["train_config"]]
     if unknown:  # train.py has gained flags since: their defaults need not be what that run did
         raise InputError(f"--resume {path}: written by an older train.py, before {' '.join(unknown)} "
@@ -279,8 +334,22 @@ def resume_args(build_parser, argv, args, may_change, build_model, world_size):
     saved = argparse.Namespace(**checkpoint["train_config"])
     run_dir = Path(given.get("run_dir") or path.parent)
     check_resumable(checkpoint, path, build_model(saved), run_dir, world_size)
-    resumed = {**vars(saved), **given, "resume": str(path), "run_dir": str(run_dir)}
-    return argparse.Namespace(**resumed), checkpoint
+    resumed = argparse.Namespace(**{**vars(saved), **given, "resume": str(path), "run_dir": str(run_dir)})
+    try:
+        device(resumed.device)
+    except argparse.ArgumentTypeError as e:
+        raise InputError(f"--resume {path}: the run used --device {resumed.device}: {e}") from None
+    return resumed, checkpoint
+
+
+def moved_corpus_error(error, args):
+    """A resumed run's unreadable data, error, told with where the run read it and how to say where it
+    moved; error itself when not resuming."""
+    if not args.resume:
+        return error
+    return InputError(f"{error}\nThe run in {args.resume} reads --data {' '.join(args.data)} --dev "
+                      f"{' '.join(args.dev)}. If they moved, resume with --data and --dev naming where they "
+                      f"are now (checked to be the same utterances).")
 
 
 def check_resumable(checkpoint, path, model, run_dir, world_size):
@@ -298,9 +367,11 @@ def check_resumable(checkpoint, path, model, run_dir, world_size):
                          f"new run") from None
     saved_size, epochs = checkpoint["world_size"], checkpoint["train_config"]["epochs"]
     if world_size != saved_size:  # the steps per epoch, the schedule and the batch order would change
-        raise InputError(f"--resume {path}: the run trained in {saved_size} processes, this is {world_size}. "
+        trained_in = "1 process" if saved_size == 1 else f"{saved_size} processes"
+        raise InputError(f"--resume {path}: the run trained in {trained_in}, this is {world_size}. "
                          f"Continue it as it started:\n  {resume_command(path, saved_size)}")
-    if checkpoint["epoch"] >= epochs:  # more epochs would be another learning-rate schedule
+    # More epochs would be another learning-rate schedule; a final evaluation cut short is still to run.
+    if checkpoint["epoch"] >= epochs and not checkpoint.get("eval_pending"):
         raise InputError(f"--resume {path}: that run finished its {epochs} epochs at step "
                          f"{checkpoint['step']}; there is nothing to continue. To train longer, start a "
                          f"new run.")
@@ -343,6 +414,7 @@ class Progress:
     batch_in_epoch: int = 0         # batches of this epoch done: a resume replays the rest
     best_wer: float = math.inf      # the best dev WER so far, and its CER (best.pt)
     best_cer: float = math.inf
+    eval_pending: bool = False      # a stop abandoned this step's evaluation: a resume runs it first
 
 
 def new_run_id():
@@ -391,4 +463,20 @@ def restore_training_state(checkpoint, model, average, optimizer, device):
     if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
         torch.cuda.set_rng_state(checkpoint["rng_cuda"])
     return Progress(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
-                    checkpoint["best_wer"], checkpoint["best_cer"])
+                    checkpoint["best_wer"], checkpoint["best_cer"], checkpoint.get("eval_pending", False))
+
+
+def stopped_message(ended, stop, progress, args, run_dir, world_size):
+    """What a run that did not finish says: why it ended, and the command that continues it."""
+    why = f"--max-minutes {args.max_minutes} reached"
+    if ended == "signal":  # none caught here: a signal to another rank stopped it
+        why = f"stopped by {signal.Signals(stop[0]).name if stop else 'a signal to another process'}"
+    pending = " (its evaluation was cut short: the resume runs it first)" if progress.eval_pending else ""
+    return (f"{why} at step {progress.step}; {run_dir / 'last.pt'} saved{pending}. Continue with:\n"
+            f"  {resume_command(run_dir / 'last.pt', world_size)}")
+
+
+def diverged_message(args, run_dir, world_size, steps):
+    return (f"{steps} steps in a row had a non-finite loss or gradient: the run has diverged. Lower --lr "
+            f"(now {args.lr}) or raise --warmup-steps and start anew, or resume from before it: "
+            f"{resume_command(run_dir / 'last.pt', world_size)}")

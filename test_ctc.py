@@ -25,6 +25,7 @@ import torch
 import data
 import decode
 import download
+import health
 import lm
 import runs
 import train
@@ -180,9 +181,11 @@ def test_librispeech_reader_and_tsv_manifest_resample_and_downmix(tmp_path):
 
 def test_durations_are_cached_between_starts(tmp_path, monkeypatch):
     write_librispeech(tmp_path / "ls", ["abc", "de"])
-    data.read_corpus([tmp_path / "ls"], log=lambda m: None)
+    data.read_corpus(tmp_path / "ls", log=lambda m: None)  # a copier's call: no cache written
+    assert not (tmp_path / "cache").exists()
+    data.read_corpus(tmp_path / "ls", log=lambda m: None, cache_dir=tmp_path / "cache")
     monkeypatch.setattr(soundfile, "info", lambda path: pytest.fail(f"header reread: {path}"))
-    assert len(data.read_corpus([tmp_path / "ls"], log=lambda m: None)) == 2
+    assert len(data.read_corpus(tmp_path / "ls", log=lambda m: None, cache_dir=tmp_path / "cache")) == 2
 
 
 def test_missing_or_empty_data_paths_exit_naming_the_path_and_layouts(tmp_path, capsys):
@@ -365,7 +368,7 @@ def test_flags_are_checked_before_any_work_and_resume_refuses_what_was_typed(tmp
     for flag, default in [("--epochs", "40"), ("--lr", "1.5e-3")]:
         with pytest.raises(InputError) as refused:
             train.train(["--resume", str(tmp_path / "run/last.pt"), flag, default])
-        assert f"{flag} cannot change" in str(refused.value)
+        assert f"{flag} cannot be typed with it, even unchanged" in str(refused.value)
 
 
 def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_path, monkeypatch):
@@ -374,9 +377,9 @@ def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_pa
              "--time-masks", "1",
              "--rnn-layers", "2"]
     trace = []  # (lr, utterance ids) per step
-    real_lr, real_collate = train.learning_rate, data.collate
-    monkeypatch.setattr(data, "collate",
-                        lambda items: trace.append([it[3] for it in items]) or real_collate(items))
+    real_lr, real_step = train.learning_rate, train.train_step
+    monkeypatch.setattr(train, "train_step", lambda run, model, batch, step:
+                        trace.append(batch["ids"]) or real_step(run, model, batch, step))
 
     def lr_then_maybe_interrupt(step, total, args):
         if interrupt_at == step:
@@ -396,8 +399,7 @@ def test_resume_continues_model_optimizer_schedule_and_data_order_exactly(tmp_pa
     interrupt_at = None
     # A flag that changes only how often it logs may be given (a flag that changes the run may not).
     train.train(["--resume", str(tmp_path / "split/last.pt"), "--log-every", "3"])
-    # Each step's lr, then its batch: the same sequence straight and across the resume
-    # (dev batches included, since evaluation happens at the same steps).
+    # Each step's lr, then its batch: the same sequence straight and across the resume.
     assert trace == straight
     a = torch.load(tmp_path / "straight/last.pt", weights_only=True)
     b = torch.load(tmp_path / "split/last.pt", weights_only=True)
@@ -433,7 +435,7 @@ def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tm
     cases = [(tmp_path / "missing.pt", [], "no such file"), (corrupt, [], "not a readable"),
              (other_vocab, [], "vocabulary"), (other_shape, [], "model shape"),
              # A flag that would change the run is refused, not silently ignored.
-             (tmp_path / "run/last.pt", ["--lr", "0.5", "--eval-every", "7"], "--lr cannot change")]
+             (tmp_path / "run/last.pt", ["--lr", "0.5", "--eval-every", "7"], "--lr cannot be typed with it")]
     files_before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for path, flags, problem in cases:
         with pytest.raises(InputError) as exit_info:
@@ -484,7 +486,7 @@ def test_resume_refuses_changed_data_another_world_size_and_finds_relative_paths
     monkeypatch.setenv("RANK", "0")  # as torchrun sets them
     with pytest.raises(InputError) as size:
         train.train(["--resume", str(tmp_path / "run/last.pt")])
-    assert "trained in 1 processes, this is 2" in str(size.value)
+    assert "trained in 1 process, this is 2" in str(size.value)
     assert "python train.py --resume" in str(size.value)
     monkeypatch.delenv("RANK")  # a WORLD_SIZE left exported in the shell: not torchrun, one process
     write_librispeech(train_dir, ["abc"], speaker=7)  # one utterance more
@@ -708,13 +710,13 @@ def test_a_batch_of_only_unusable_files_is_a_counted_skipped_step(tmp_path, caps
 
 def test_non_finite_steps_are_skipped_and_a_diverged_run_stops_with_advice(tmp_path, monkeypatch, capsys):
     train_dir, dev_dir = make_corpus(tmp_path, 40, 3)
-    real_forward, calls = torch.nn.CTCLoss.forward, []
+    real_ctc_loss, calls = train.F.ctc_loss, []
 
-    def sometimes_nan(self, *args):
+    def sometimes_nan(*args, **kwargs):
         calls.append(1)
-        loss = real_forward(self, *args)
+        loss = real_ctc_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) % 3 == 0 or always_nan else loss
-    monkeypatch.setattr(torch.nn.CTCLoss, "forward", sometimes_nan)
+    monkeypatch.setattr(train.F, "ctc_loss", sometimes_nan)
     always_nan = False
     train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100"))
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
@@ -770,18 +772,17 @@ def test_overfit_trains_and_scores_n_utterances_without_augmentation(tmp_path, c
 
 
 def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():
-    args = train.build_parser().parse_args(["--warmup-steps", "100"])
-    assert train.diagnose(["", ""], [100.0], 50, args) is None            # in warmup
-    assert train.diagnose(["", ""], [100.0, 100.0], 200, args) is None   # blank plateau: normal
-    assert train.diagnose(["s", "ss"], [100.0, 96.0], 200, args) is None  # its first letters: normal
-    assert "all blank" in train.diagnose(["", ""], [100.0] * 2, 301, args)
-    assert "collapsed to 'ht'" in train.diagnose(["ttthhh", "th"], [90.0, 80.0], 400, args)
-    stalled = train.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 50.5], 900, args)
+    assert health.diagnose(["", ""], [100.0], 50, 100) is None            # in warmup
+    assert health.diagnose(["", ""], [100.0, 100.0], 200, 100) is None   # blank plateau: normal
+    assert health.diagnose(["s", "ss"], [100.0, 96.0], 200, 100) is None  # its first letters: normal
+    assert "all blank" in health.diagnose(["", ""], [100.0] * 2, 301, 100)
+    assert "collapsed to 'ht'" in health.diagnose(["ttthhh", "th"], [90.0, 80.0], 400, 100)
+    stalled = health.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 50.5], 900, 100)
     assert "not improved in 3 evaluations" in stalled and "--overfit" in stalled
-    assert train.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 49.0], 900, args) is None
+    assert health.diagnose(["the cat"], [90.0, 50.0, 51.0, 52.0, 49.0], 900, 100) is None
     # A run at (or within a point of) 0% has converged: no stalled-run warning and list of bugs.
-    assert train.diagnose(["the cat"], [90.0, 0.0, 0.0, 0.0, 0.0], 900, args) is None
-    assert train.diagnose(["the cat"], [90.0, 0.8, 0.9, 0.8, 0.8], 900, args) is None
+    assert health.diagnose(["the cat"], [90.0, 0.0, 0.0, 0.0, 0.0], 900, 100) is None
+    assert health.diagnose(["the cat"], [90.0, 0.8, 0.9, 0.8, 0.8], 900, 100) is None
 
 
 # ----------------------------------------------------------- train.py: Ctrl-C, SIGTERM, time limits
@@ -803,30 +804,48 @@ def test_ctrl_c_saves_last_checkpoint_and_prints_the_resume_command(tmp_path):
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] >= 2
 
 
-def test_a_stop_on_an_evaluation_step_still_evaluates(tmp_path, monkeypatch):
-    train_dir, dev_dir = make_corpus(tmp_path, 30, 3)
-    real_lr = train.learning_rate
+def stop_during_scoring(monkeypatch, scored_steps):
+    """greedy_corpus, patched to meet Ctrl-C as it starts, and to record what last.pt holds then."""
+    real_scoring = train.greedy_corpus
 
-    def interrupt_during_step_3(step, total, args):
-        if step == 2:  # the third step, which ends in an evaluation (--eval-every 3)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr(step, total, args)
-    monkeypatch.setattr(train, "learning_rate", interrupt_during_step_3)
-    real_scoring, saved_before_scoring = train.greedy_corpus, []
-
-    def scoring(*args, **kwargs):  # torchrun kills 30 s after a signal: last.pt must not wait for dev
-        saved_before_scoring.append(torch.load(tmp_path / "run/last.pt", weights_only=True)["step"])
-        return real_scoring(*args, **kwargs)
+    def scoring(model, batches, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+        scored_steps.append(len(list(batches)))  # the dev batches scored after the signal
+        return real_scoring(model, [], *args)
     monkeypatch.setattr(train, "greedy_corpus", scoring)
-    with pytest.raises(train.Stopped):
+
+
+def test_a_stop_during_an_evaluation_saves_at_once_and_the_resume_evaluates_first(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 30, 3)
+    scored = []
+    stop_during_scoring(monkeypatch, scored)
+    with pytest.raises(train.Stopped):  # torchrun kills 30 s after a signal: a dev set must not wait
         train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "5", "--eval-every", "3",
                                 "--save-every", "1000"))
-    assert saved_before_scoring == [3]
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "dev_cer" in r] == [3]
+    assert scored == [0]  # abandoned: no dev batch was scored after the signal
     last = torch.load(tmp_path / "run/last.pt", weights_only=True)
-    assert last["step"] == 3 and last["best_wer"] == records[-1]["dev_wer"]  # saved again after scoring
+    assert last["step"] == 3 and last["eval_pending"] and not (tmp_path / "run/best.pt").exists()
+    monkeypatch.undo()
+    train.train(["--resume", str(tmp_path / "run/last.pt"), "--max-minutes", "1e-9"])
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "dev_cer" in r] == [3, 4]  # redone before the next step
     assert (tmp_path / "run/best.pt").exists()
+
+
+def test_a_stop_during_the_final_evaluation_saves_and_its_resume_only_scores(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 4, 2)  # one step per epoch
+    scored = []
+    stop_during_scoring(monkeypatch, scored)
+    with pytest.raises(train.Stopped):
+        train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "5"))
+    last = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert scored == [0] and (last["step"], last["epoch"], last["eval_pending"]) == (2, 2, True)
+    monkeypatch.undo()
+    train.train(["--resume", str(tmp_path / "run/last.pt")])  # a finished run, but not yet scored
+    assert torch.load(tmp_path / "run/best.pt", weights_only=True)["step"] == 2
+    assert not torch.load(tmp_path / "run/last.pt", weights_only=True)["eval_pending"]
+    with pytest.raises(InputError, match="finished its 2 epochs"):
+        train.train(["--resume", str(tmp_path / "run/last.pt")])
 
 
 def test_a_time_limit_on_the_last_step_finishes_the_run_and_a_raising_loop_gives_signals_back(
@@ -849,11 +868,11 @@ def test_a_time_limit_on_the_last_step_finishes_the_run_and_a_raising_loop_gives
 
 def test_interrupts_at_start_up_and_a_bad_duration_cache_are_handled(tmp_path, monkeypatch):
     train_dir, dev_dir = make_corpus(tmp_path, 4, 2)
-    cache = tmp_path / "cache" / "ctc-baseline"
-    data.read_corpus([train_dir], log=lambda m: None)
+    cache = runs.cache_dir()
+    data.read_corpus([train_dir], log=lambda m: None, cache_dir=cache)
     for cache_file in cache.iterdir():
         cache_file.write_text("[]")  # valid JSON of the wrong shape: ignored and rewritten
-    assert len(data.read_corpus([train_dir], log=lambda m: None)) == 4
+    assert len(data.read_corpus([train_dir], log=lambda m: None, cache_dir=cache)) == 4
     assert all(isinstance(json.loads(f.read_text()), dict) for f in cache.iterdir())
 
     def interrupted(*args, **kwargs):
@@ -870,12 +889,12 @@ def test_interrupts_at_start_up_and_a_bad_duration_cache_are_handled(tmp_path, m
 
 def test_ctrl_c_that_reaches_workers_as_they_start_does_not_break_the_run(tmp_path, monkeypatch):
     train_dir, dev_dir = make_corpus(tmp_path, 6, 2)
-    real = data.ignore_signals
+    real = runs.ignore_signals
 
     def interrupted_first(worker_id):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches the new worker before it can ignore it
         real(worker_id)
-    monkeypatch.setattr(data, "ignore_signals", interrupted_first)
+    monkeypatch.setattr(runs, "ignore_signals", interrupted_first)
     train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--workers", "1"))
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 1
 
