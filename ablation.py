@@ -476,7 +476,6 @@ def run_table(args, chosen, keys):
     results_file = args.out / "results.json"
     saved = json.loads(results_file.read_text()) if results_file.exists() else {}
     done = {r["row"]: r for r in saved.get("rows", [])}
-    drawn = False
     for key in chosen:
         if key in done:
             print(f"{key}: already in {results_file}", file=sys.stderr)
@@ -493,7 +492,10 @@ def run_table(args, chosen, keys):
         table = json.dumps({**settings, "rows": results}, indent=1).encode()
         runs.write_atomically(results_file, lambda f: f.write(table))
         write_table(results, args.minutes, args.out)
-        drawn = plot(results, args.out)
+        plot(results, args.out)
+    results = [done[k] for k in keys if k in done]  # also when every row was already there
+    write_table(results, args.minutes, args.out)
+    drawn = plot(results, args.out)
     print(", ".join(str(args.out / name) for name in ["table.md"] + ["cer.png"] * drawn), file=sys.stderr)
 
 

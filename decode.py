@@ -282,11 +282,12 @@ class Inputs(torch.utils.data.Dataset):
         return i, None if wave is None else wave.numpy(), problem
 
 
-def decode_in_order(model, paths, seconds, device, args, spans):
+def decode_in_order(model, paths, seconds, device, args, spans, progress):
     """(input index, text, words, problem) for every input, in input order, as each window of
     consecutive inputs is done. Workers read the audio while the model decodes; within a window
     the inputs are batched by length (seconds: each input's, 0 where unknown). Memory does not grow
-    with the number of inputs."""
+    with the number of inputs. progress (a ProgressLine) advances as each batch is decoded. On Ctrl-C
+    the inputs decoded but held back for their order come first, out of order, then the interrupt."""
     batches, start = [], 0
     while start < len(paths):  # a window: about WINDOW_BATCHES batches of consecutive inputs
         end = start + 1
@@ -298,17 +299,23 @@ def decode_in_order(model, paths, seconds, device, args, spans):
     loader = torch.utils.data.DataLoader(Inputs(paths), batch_sampler=batches, collate_fn=list,
                                          num_workers=args.workers, worker_init_fn=runs.ignore_signals)
     done, next_index = {}, 0
-    for items in loader:
-        usable = [(i, torch.from_numpy(wave)) for i, wave, problem in items if wave is not None]
-        results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
-                             args.chunk_seconds, spans, args.bf16) if usable else []
-        done.update({i: (i, None, None, problem) for i, _, problem in items if problem})
-        silent = {i: (i, "", [], problem) for i, _, problem in items if problem == data.SILENT}
-        done.update(silent)  # no words, and the reason
-        done.update({i: (i, text, words, None) for (i, _), (text, words) in zip(usable, results)})
-        while next_index in done:
-            yield done.pop(next_index)
-            next_index += 1
+    try:
+        for items in loader:
+            usable = [(i, torch.from_numpy(wave)) for i, wave, problem in items if wave is not None]
+            results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
+                                 args.chunk_seconds, spans, args.bf16) if usable else []
+            done.update({i: (i, None, None, problem) for i, _, problem in items if problem})
+            silent = {i: (i, "", [], problem) for i, _, problem in items if problem == data.SILENT}
+            done.update(silent)  # no words, and the reason
+            done.update({i: (i, text, words, None) for (i, _), (text, words) in zip(usable, results)})
+            progress.advance(len(items), sum(seconds[i] for i, _, _ in items))
+            while next_index in done:
+                yield done.pop(next_index)
+                next_index += 1
+    except KeyboardInterrupt:
+        for i in sorted(done):  # decoded: printed out of order rather than lost
+            yield done[i]
+        raise
 
 
 def build_parser():
@@ -363,9 +370,9 @@ def decode_inputs(args):
     seconds = [info[Path(p)][0] / info[Path(p)][1] if info[Path(p)] else 0.0 for p in paths]
     progress = ProgressLine(seconds, quiet=args.quiet or len(paths) < 2)
     scored, failed, silent = [], 0, 0
-    for i, text, words, problem in decode_in_order(model, paths, seconds, device, args, spans):
+    for i, text, words, problem in decode_in_order(model, paths, seconds, device, args, spans, progress):
         utt_id, path, ref = utterances[i]
-        progress.advance(seconds[i])
+        progress.clear()  # a transcript on a terminal that shows stderr too starts a line of its own
         if problem == data.SILENT:  # nothing to say: an empty transcript, and why on stderr
             progress.say(f"note: {printable(path)}: {problem}; no words")
             silent += 1
@@ -403,8 +410,9 @@ class ProgressLine:
         self.terminal = sys.stderr.isatty()
         self.done, self.audio, self.started, self.shown, self.drawn = 0, 0.0, time.time(), time.time(), False
 
-    def advance(self, audio_seconds):
-        self.done, self.audio, now = self.done + 1, self.audio + audio_seconds, time.time()
+    def advance(self, recordings, audio_seconds):
+        """recordings more, of audio_seconds in all, are decoded."""
+        self.done, self.audio, now = self.done + recordings, self.audio + audio_seconds, time.time()
         wait = 0.2 if self.terminal else PROGRESS_SECONDS
         if self.quiet or (now - self.shown < wait and self.done < self.total):
             return
@@ -422,6 +430,12 @@ class ProgressLine:
         """A message on stderr, on a line of its own."""
         self.close()
         print(message, file=sys.stderr, flush=True)
+
+    def clear(self):
+        """Erase the progress line, drawn again at the next advance."""
+        if self.drawn:
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+            self.drawn = False
 
     def close(self):
         if self.drawn:  # the cursor is at the end of the progress line
@@ -451,7 +465,8 @@ def main(argv=None):
     except InputError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("error: interrupted; the transcripts above are complete, the rest were not decoded")
+        sys.exit("error: interrupted; every recording decoded so far is above (the last out of input order), "
+                 "the rest were not decoded")
     except BrokenPipeError:  # a reader such as `head` stopped reading: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
         sys.exit(141)  # 128 + SIGPIPE, as the shell reports it

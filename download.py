@@ -107,10 +107,31 @@ def digest_of(path, digest):
     return digest.hexdigest()
 
 
+def check_place(folder):
+    """DownloadError, before any download, if folder cannot become a corpus's folder."""
+    if folder.is_symlink() and not folder.exists():
+        raise DownloadError(f"{folder} is a link to {folder.readlink()}, which does not exist (a disk not "
+                            f"mounted?): mount it, remove the link, or pick another --root. Nothing was "
+                            f"downloaded.")
+    if folder.exists() and not folder.is_dir():
+        raise DownloadError(f"{folder} is a file where the corpus's folder goes: move it away, or pick "
+                            f"another --root. Nothing was downloaded.")
+
+
 def already_there(final, pattern):
-    """True if final is a finished download (a folder holding pattern); False if it is absent or
-    an empty folder (replaced); DownloadError, before any download, if it is something else."""
-    if final.is_dir() and any(final.rglob(pattern)):
+    """True if final is a finished download (a folder holding pattern, each transcript line's .flac
+    beside it); False if it is absent or an empty folder (replaced); DownloadError, before any
+    download, if it is something else."""
+    check_place(final)
+    transcripts = list(final.rglob(pattern)) if final.is_dir() else []
+    for trans in transcripts:
+        ids = [line.split()[0] for line in trans.read_text(errors="replace").splitlines() if line.strip()]
+        missing = [i for i in ids if not (trans.parent / f"{i}.flac").exists()]
+        if missing:
+            raise DownloadError(f"{final} is not a finished download: {trans} lists {len(missing)} utterances "
+                                f"whose .flac is not beside it (e.g. {missing[0]}; a copy cut short?). Move it "
+                                f"away or finish the copy, or pick another --root. Nothing was downloaded.")
+    if transcripts:
         return True
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):
         raise DownloadError(f"{final} exists but is not a finished download (no {pattern} in it); move it "
@@ -138,9 +159,7 @@ def download_librispeech(subsets, root, base_url=None):
     base_url (a folder serving <subset>.tar.gz). Every archive is checked against OpenSLR's
     published MD5, whichever mirror served it."""
     for folder in (root / "LibriSpeech", *(root / "LibriSpeech" / subset for subset in subsets)):
-        if folder.exists() and not folder.is_dir():  # found now, not after the download and extraction
-            raise DownloadError(f"{folder} is a file where the corpus's folder goes: move it away, or pick "
-                                f"another --root")
+        check_place(folder)  # now, not after the download and extraction
     for subset in subsets:
         resource, md5 = PUBLISHED_MD5[subset]
         url = f"{base_url or f'{OPENSLR}/{resource}'}/{subset}.tar.gz"

@@ -135,24 +135,33 @@ def lm_outputs(path):
     return path, path.with_suffix(".lexicon.txt")
 
 
+# The phones of a pronunciation lexicon (CMUdict's, LibriSpeech's), less their stress digits 0-2.
+ARPABET = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH UH UW V W "
+              "Y Z ZH".split())
+
+
 def read_word_list(path):
-    """The words of a word list: the first field of each line (a pronunciation lexicon's other fields are
-    phones), spelled as the model spells. A first field that is no such word (digits, symbols, spaces
-    once normalized) is left out, counted and named on stderr, not mangled into another word."""
+    """The words of a word list, spelled as the model spells: every word of each line, but only the first
+    of a lexicon's line (its other fields are phones with stress digits, or the word's letters); the words
+    of a corpus folder's transcripts. A field that is no such word (digits, symbols, spaces once
+    normalized) is left out, counted and named on stderr, not mangled into another word."""
+    if Path(path).is_dir():
+        return sorted({word for sentence in read_sentences([path]) for word in sentence})
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DownloadError(f"{path}: cannot read it as UTF-8 text ({e})") from None
     words, left_out = [], []
-    for line in lines:
-        fields = line.split()
-        if not fields:
-            continue
-        word, dropped = normalize(fields[0])
-        if word and not dropped and " " not in word and not any(c.isdigit() for c in fields[0]):
-            words.append(word)
-        else:
-            left_out.append(fields[0])
+    for fields in filter(None, map(str.split, lines)):
+        spelled = [f for f in fields[1:] if f != "|"]
+        spelling = len(spelled) > 1 and "".join(spelled).lower() == fields[0].lower()
+        lexicon = len(fields) > 1 and (spelling or all(f.rstrip("012") in ARPABET for f in fields[1:]))
+        for field in fields[:1] if lexicon else fields:
+            word, dropped = normalize(field)
+            if word and not dropped and " " not in word and not any(c.isdigit() for c in field):
+                words.append(word)
+            else:
+                left_out.append(field)
     if left_out:
         print(f"note: {path}: {len(left_out)} entries are not words spelled with a-z and apostrophe and "
               f"were left out (e.g. {', '.join(left_out[:5])})", file=sys.stderr)
@@ -242,8 +251,8 @@ def main(argv=None):
     build.add_argument("--order", type=int, default=3, choices=range(2, 7), metavar="N",
                        help="n of the n-gram LM (2-6: KenLM reads bigrams and longer)")
     build.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    build.add_argument("--vocab", type=Path, help="a word list (a word per line, e.g. LibriSpeech's "
-                       "librispeech-vocab.txt) whose words the LM and its lexicon also hold")
+    build.add_argument("--vocab", type=Path, help="a word list (e.g. LibriSpeech's librispeech-vocab.txt, "
+                       "a lexicon, text, or a corpus folder) whose words the LM and its lexicon also hold")
     fetch = commands.add_parser("librispeech", help="LibriSpeech's official LMs (openslr.org/11)")
     fetch.add_argument("--root", default=".", help="the LMs go to <root>/LibriSpeech/lm")
     fetch.add_argument("--4gram", dest="four_gram", action="store_true",

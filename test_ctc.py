@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import torchaudio
 
 import data
 import decode
@@ -186,6 +187,42 @@ def test_durations_are_cached_between_starts(tmp_path, monkeypatch):
     data.read_corpus(tmp_path / "ls", log=lambda m: None, cache_dir=tmp_path / "cache")
     monkeypatch.setattr(soundfile, "info", lambda path: pytest.fail(f"header reread: {path}"))
     assert len(data.read_corpus(tmp_path / "ls", log=lambda m: None, cache_dir=tmp_path / "cache")) == 2
+
+
+def test_a_librispeech_layout_folder_of_wav_or_mp3_files_is_read_as_flac_would_be(tmp_path):
+    ids = write_librispeech(tmp_path / "ls", ["abc", "ija"])
+    folder = tmp_path / "ls/19/198"
+    for utt_id, suffix in zip(ids, (".wav", ".mp3")):
+        soundfile.write(folder / f"{utt_id}{suffix}", data.load_audio(folder / f"{utt_id}.flac").numpy(), 16000)
+        (folder / f"{utt_id}.flac").unlink()
+    corpus = data.read_corpus(tmp_path / "ls", log=lambda m: None)  # one path, not a list
+    assert [Path(u["path"]).name for u in corpus] == [f"{ids[0]}.wav", f"{ids[1]}.mp3"]
+
+
+def test_odd_sample_rates_resample_through_a_small_filter(tmp_path, monkeypatch):
+    """torchaudio's filter is (16000 / g) x (rate / g) for g = gcd: 13 GB for 3 s at 47,999 Hz exactly."""
+    ratios, real = [], torchaudio.functional.resample
+    monkeypatch.setattr(torchaudio.functional, "resample",
+                        lambda wave, rate, new: ratios.append(new // math.gcd(rate, new)) or real(wave, rate, new))
+    for rate in (44101, 47999, 11127, 44100, 8000):
+        soundfile.write(tmp_path / f"{rate}.wav", tones("abc", rate), rate)
+        wave = data.load_audio(tmp_path / f"{rate}.wav")
+        assert len(wave) == pytest.approx(len(tones("abc")), rel=0.006)  # at most 0.6% off in speed
+    assert max(ratios) <= 160
+
+
+def test_speech_with_a_dc_offset_or_mains_hum_is_not_called_silent():
+    speech = torch.from_numpy(tones("abcabcjihg")) * 10 ** (-40 / 20)  # quiet: -52 dBFS at its peak
+    assert not data.is_silent(speech + 0.005)  # a cheap converter's DC offset, 0.5% of full scale
+    hum = torch.sin(2 * math.pi * 60 * torch.arange(len(speech)) / 16000)
+    hum = hum * speech.square().mean().sqrt() * 10 ** (10 / 20) * 2 ** 0.5  # 10 dB above the speech
+    assert not data.is_silent(speech + hum)
+    assert data.is_silent(hum) and data.is_silent(torch.full((16000,), 0.005))  # hum or DC alone
+
+
+def test_data_py_docstring_shows_every_step_a_copier_needs():
+    """Followed as written, the example must reshuffle each epoch and drop what CTC cannot align."""
+    assert "set_epoch(epoch)" in data.__doc__ and "filter_trainable(" in data.__doc__
 
 
 def test_missing_or_empty_data_paths_exit_naming_the_path_and_layouts(tmp_path, capsys):
@@ -1065,6 +1102,48 @@ def test_quiet_speech_is_decoded_and_silence_is_said_per_file(tmp_path):
     assert "2 of 4 recordings were silent" in result.stderr
 
 
+def random_checkpoint(path):
+    torch.manual_seed(0)
+    runs.save_checkpoint(model_checkpoint(CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2)),
+                                          data.VOCAB), path)
+    return path
+
+
+def test_an_interrupt_prints_every_transcript_decoded_and_progress_counts_decoded_audio(
+        tmp_path, monkeypatch, capsys):
+    checkpoint = random_checkpoint(tmp_path / "m.pt")
+    for name, text in (("long", "abcabcjihgabcabcjihg"), ("short1", "abc"), ("short2", "jih")):
+        soundfile.write(tmp_path / f"{name}.wav", tones(text), 16000)
+    real_transcribe, calls, advanced = decode.transcribe, [], []
+
+    def interrupted_second(*args):  # the short two are batched and decoded first, held for "long"
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_transcribe(*args)
+    monkeypatch.setattr(decode, "transcribe", interrupted_second)
+    real_advance = decode.ProgressLine.advance
+    monkeypatch.setattr(decode.ProgressLine, "advance",
+                        lambda self, *counts: advanced.append(counts[0]) or real_advance(self, *counts))
+    with pytest.raises(SystemExit) as stop:
+        decode.main([str(checkpoint), *(str(tmp_path / f"{n}.wav") for n in ("long", "short1", "short2")),
+                     "--batch-seconds", "1.5", "--workers", "0"])
+    assert sorted(line.split("\t")[0] for line in capsys.readouterr().out.splitlines()) == ["short1", "short2"]
+    assert advanced == [2] and "interrupted" in str(stop.value)
+
+
+def test_decode_scores_a_librispeech_layout_folder_of_wav_files(tmp_path, capsys):
+    ids = write_librispeech(tmp_path / "ls", ["abc", "ija"])
+    for utt_id in ids:
+        flac = tmp_path / f"ls/19/198/{utt_id}.flac"
+        soundfile.write(flac.with_suffix(".wav"), data.load_audio(flac).numpy(), 16000)
+        flac.unlink()
+    decode.main([str(random_checkpoint(tmp_path / "m.pt")), str(tmp_path / "ls"), "--workers", "0"])
+    out, err = capsys.readouterr()
+    assert "no such file" not in err and "2 utterances with references" in err and "could not" not in err
+    assert sorted(line.split("\t")[0] for line in out.splitlines()) == ids
+
+
 def test_decode_decodes_every_recording_whatever_its_transcript_and_counts_what_it_cannot(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
@@ -1353,6 +1432,29 @@ def test_a_recipe_file_is_flags_with_comments_and_a_flag_typed_after_it_wins(tmp
     assert (args.rnn_layers, args.lr, args.speed_perturb) == (2, 2e-3, False)
     defaults = vars(train.build_parser().parse_args([]))  # the GPU recipe's file is the defaults, written out
     assert vars(train.build_parser().parse_args([f"@{HERE / 'recipes/librispeech-100.args'}"])) == defaults
+
+
+@pytest.mark.parametrize("text, problem", [
+    (b'--run-dir "unbalanced\n', "line 1: No closing quotation"),
+    (b"--epochs 3\n--run-dir caf\xe9\n", "line 2: not UTF-8 (byte 0xe9)"),
+    (b"--epochs 3\n@me.args\n", "line 2: @"),           # includes itself
+    (b"@missing.args\n", "line 1: @"),                  # relative to the recipe: not there
+])
+def test_a_broken_recipe_file_is_named_with_its_line(tmp_path, capsys, text, problem):
+    (tmp_path / "me.args").write_bytes(text)
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args([f"@{tmp_path / 'me.args'}"])
+    err = capsys.readouterr().err
+    assert f"error: recipe {tmp_path / 'me.args'} {problem}" in err and "Traceback" not in err
+
+
+def test_a_recipe_may_continue_lines_start_with_a_bom_and_include_its_neighbours(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes/base.args").write_bytes(b"\xef\xbb\xbf--epochs 7 \\\n  --lr 2e-3\r\n")
+    (tmp_path / "recipes/mine.args").write_text("@base.args --rnn-layers 2\n")
+    monkeypatch.chdir(tmp_path)  # @base.args is the recipe's neighbour, not the working folder's
+    args = train.build_parser().parse_args(["@recipes/mine.args"])
+    assert (args.epochs, args.lr, args.rnn_layers) == (7, 2e-3, 2)
 
 
 def test_every_train_and_decode_command_in_the_readme_parses(monkeypatch):

@@ -218,7 +218,21 @@ def test_an4_is_written_exactly_as_listed_and_a_target_in_the_way_is_found_first
     server.ranges.clear()
     with pytest.raises(SystemExit) as in_the_way:
         download.main(["an4", "--root", str(tmp_path / "other"), "--base-url", server.url])
-    assert "is not a finished download" in str(in_the_way.value) and server.ranges == []
+    assert "is a file where the corpus's folder goes" in str(in_the_way.value) and server.ranges == []
+
+
+def test_a_dangling_link_or_a_half_copied_corpus_is_refused_before_any_download(tmp_path):
+    server = ArchiveServer({"dev-clean.tar.gz": b"never fetched", download.AN4_ARCHIVE: b"never fetched"})
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root/LibriSpeech").symlink_to(tmp_path / "unmounted/LibriSpeech")
+    half = tmp_path / "half/AN4/train/an4"
+    half.mkdir(parents=True)
+    (half / "an4.trans.txt").write_text("an4-1 one two\nan4-2 three\n")  # a copy cut before its audio
+    for root, corpus, problem in (("root", "dev-clean", "which does not exist"), ("half", "an4", "a copy cut")):
+        with pytest.raises(SystemExit) as refused:
+            download.main([corpus, "--root", str(tmp_path / root), "--base-url", server.url])
+        assert problem in str(refused.value) and "Nothing was downloaded" in str(refused.value)
+    assert server.ranges == [] and not list((tmp_path / "root").glob("*.part"))
 
 
 # -------------------------------------------------------------------------------------------- lm.py
@@ -280,6 +294,17 @@ def test_lm_build_vocab_takes_each_lines_first_word_and_names_what_is_not_a_word
     assert "lm.py build: read 1 sentences" in err and "estimated the 3-gram model" in err
     lm.main(["build", str(tmp_path / "book.txt"), "--out", str(tmp_path / "quiet.arpa"), "--quiet"])
     assert "lm.py build:" not in capsys.readouterr().err
+
+
+def test_lm_build_vocab_takes_every_word_of_a_sentence_list_or_a_corpus_folder(tmp_path):
+    (tmp_path / "book.txt").write_text("fg de\n")
+    (tmp_path / "words.txt").write_text("the cat sat\nplan on it\n")
+    write_librispeech(tmp_path / "corpus", ["abc", "jih"])
+    for vocab, added in (("words.txt", ["cat", "it", "on", "plan", "sat", "the"]), ("corpus", ["abc", "jih"])):
+        out = tmp_path / f"{vocab}.arpa"
+        lm.main(["build", str(tmp_path / "book.txt"), "--vocab", str(tmp_path / vocab), "--out", str(out)])
+        words = [line.split("\t")[0] for line in out.with_suffix(".lexicon.txt").read_text().splitlines()]
+        assert words == sorted(["de", "fg", *added])
 
 
 def test_lm_out_refuses_what_exists_and_what_cannot_be_written_before_any_work(tmp_path):
@@ -466,8 +491,9 @@ def test_ablation_writes_its_table_and_continues_a_stopped_one(tmp_path, capsys)
     metrics = [json.loads(line) for line in (out / "b-no-space" / "metrics.jsonl").read_text().splitlines()]
     assert "dev_cer" in metrics[-1] and (out / "b-no-space" / "last.pt").exists()  # ended by the clock
     assert "--max-minutes 0.01 reached" in (out / "b-no-space" / "train.log").read_text()
-    ablation.main(argv + ["0.01"])  # a second run keeps the rows it has
-    assert "already in" in capsys.readouterr().err
+    (out / "table.md").unlink()
+    ablation.main(argv + ["0.01"])  # a second run keeps the rows it has, and writes the table it names
+    assert "already in" in capsys.readouterr().err and "| b-no-space |" in (out / "table.md").read_text()
     assert json.loads((out / "results.json").read_text()) == results
     with pytest.raises(SystemExit, match="--minutes 0.01"):  # rows of another budget do not mix
         ablation.main(argv + ["0.02"])

@@ -50,18 +50,58 @@ CORES = len(os.sched_getaffinity(0))
 
 
 class RecipeParser(argparse.ArgumentParser):
-    """Reads @FILE as the flags in it: words as a shell splits them, '#' starting a comment."""
+    """Reads @FILE as the flags in it (read_recipe)."""
 
-    def convert_arg_line_to_args(self, arg_line):
-        return shlex.split(arg_line, comments=True)
+    def parse_known_args(self, args=None, namespace=None):
+        flags = []
+        try:
+            for arg in sys.argv[1:] if args is None else args:
+                flags += read_recipe(Path(arg[1:])) if arg.startswith("@") else [arg]
+        except InputError as e:
+            self.error(str(e))
+        return super().parse_known_args(flags, namespace)
+
+
+def read_recipe(path, included_by=()):
+    """The flags in a recipe file: words as a shell splits them, '#' starting a comment, a line may end
+    in a shell's '\\'; an @FILE in it is read in place, relative to its folder. included_by: the
+    (recipe, line) that include this one."""
+    where = f"recipe {path}"
+    if included_by:
+        where = f"recipe {included_by[-1][0]} line {included_by[-1][1]}: @{path}"
+    if any(path.resolve() == including.resolve() for including, _ in included_by):
+        raise InputError(f"{where} includes a recipe that includes it; remove the loop")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{where}: cannot read it ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, which some editors write, is dropped
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"recipe {path} line {line}: not UTF-8 (byte {raw[e.start]:#04x}); save it as "
+                         f"UTF-8") from None
+    flags = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.rstrip()
+        line = line[:-1] if line.endswith("\\") else line  # a continued line: the next one's words follow
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise InputError(f"recipe {path} line {number}: {e} (a quote left open?)") from None
+        for word in words:
+            if word.startswith("@"):
+                flags += read_recipe(path.parent / word[1:], included_by + ((path, number),))
+            else:
+                flags.append(word)
+    return flags
 
 
 def build_parser():
     m = ModelConfig()  # the model flags' defaults live in the model's own config
     in_range = runs.in_range
     count, positive, above_zero = in_range(int, 0), in_range(int, 1), in_range(float, 0, low_open=True)
-    p = RecipeParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                     fromfile_prefix_chars="@")
+    p = RecipeParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", help="training corpora: LibriSpeech-layout folders or TSV manifests")
     g.add_argument("--dev", nargs="+", help="dev corpora, same forms; scored at every evaluation")
@@ -202,7 +242,8 @@ def build_loaders(args, train_set, dev_set, ranks, log):
     left_out = len(sampler.batches) - ranks.world_size * len(sampler)
     if left_out:  # every rank takes the same number of steps, so each epoch leaves these few batches out
         log(f"data: {len(sampler.batches)} batches an epoch over {ranks.world_size} processes, "
-            f"{len(sampler)} steps each: the last {left_out} of each epoch's order (others each epoch) are left out of it")
+            f"{len(sampler)} steps each: the last {left_out} of each epoch's order (others each epoch) "
+            f"are left out of it")
     pin_memory = ranks.device.type == "cuda"
     dev_batches = data.BucketBatches([u["seconds"] for u in dev_set], args.batch_seconds, shuffle=False)
     dev_loader = data.batch_loader(dev_set, dev_batches, args.workers, pin_memory, runs.ignore_signals)
