@@ -128,9 +128,10 @@ def already_there(final, pattern):
         ids = [line.split()[0] for line in trans.read_text(errors="replace").splitlines() if line.strip()]
         missing = [i for i in ids if not (trans.parent / f"{i}.flac").exists()]
         if missing:
-            raise DownloadError(f"{final} is not a finished download: {trans} lists {len(missing)} utterances "
-                                f"whose .flac is not beside it (e.g. {missing[0]}; a copy cut short?). Move it "
-                                f"away or finish the copy, or pick another --root. Nothing was downloaded.")
+            raise DownloadError(f"{final} is not a finished download: {trans} lists {len(missing)} "
+                                f"utterances whose .flac is not beside it (e.g. {missing[0]}; a copy cut "
+                                f"short?). Move it away or finish the copy, or pick another --root. Nothing "
+                                f"was downloaded.")
     if transcripts:
         return True
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):

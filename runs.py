@@ -324,7 +324,8 @@ def resume_args(build_parser, argv, args, may_change, build_model, world_size):
     refused = [as_flag(k) for k in given if k not in may_change + ("run_dir",)]
     if refused:  # silently ignoring them would train something other than what was asked
         raise InputError(f"--resume continues {path} with the flags it was started with, which the "
-                         f"checkpoint holds; {' '.join(refused)} cannot be typed with it, even unchanged (only "
+                         f"checkpoint holds; {' '.join(refused)} cannot be typed with it, even unchanged "
+                         f"(only "
                          f"{' '.join(map(as_flag, may_change))} can). Drop them (and any recipe file), or "
                          f"start a new run with a new --run-dir.")
     unknown = [as_flag(k) for k in vars(build_parser().parse_args([])) if k not in checkpoint["train_config"]]

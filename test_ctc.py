@@ -193,7 +193,8 @@ def test_a_librispeech_layout_folder_of_wav_or_mp3_files_is_read_as_flac_would_b
     ids = write_librispeech(tmp_path / "ls", ["abc", "ija"])
     folder = tmp_path / "ls/19/198"
     for utt_id, suffix in zip(ids, (".wav", ".mp3")):
-        soundfile.write(folder / f"{utt_id}{suffix}", data.load_audio(folder / f"{utt_id}.flac").numpy(), 16000)
+        wave = data.load_audio(folder / f"{utt_id}.flac").numpy()
+        soundfile.write(folder / f"{utt_id}{suffix}", wave, 16000)
         (folder / f"{utt_id}.flac").unlink()
     corpus = data.read_corpus(tmp_path / "ls", log=lambda m: None)  # one path, not a list
     assert [Path(u["path"]).name for u in corpus] == [f"{ids[0]}.wav", f"{ids[1]}.mp3"]
@@ -203,7 +204,8 @@ def test_odd_sample_rates_resample_through_a_small_filter(tmp_path, monkeypatch)
     """torchaudio's filter is (16000 / g) x (rate / g) for g = gcd: 13 GB for 3 s at 47,999 Hz exactly."""
     ratios, real = [], torchaudio.functional.resample
     monkeypatch.setattr(torchaudio.functional, "resample",
-                        lambda wave, rate, new: ratios.append(new // math.gcd(rate, new)) or real(wave, rate, new))
+                        lambda wave, rate, new: ratios.append(new // math.gcd(rate, new))
+                        or real(wave, rate, new))
     for rate in (44101, 47999, 11127, 44100, 8000):
         soundfile.write(tmp_path / f"{rate}.wav", tones("abc", rate), rate)
         wave = data.load_audio(tmp_path / f"{rate}.wav")
@@ -1128,7 +1130,8 @@ def test_an_interrupt_prints_every_transcript_decoded_and_progress_counts_decode
     with pytest.raises(SystemExit) as stop:
         decode.main([str(checkpoint), *(str(tmp_path / f"{n}.wav") for n in ("long", "short1", "short2")),
                      "--batch-seconds", "1.5", "--workers", "0"])
-    assert sorted(line.split("\t")[0] for line in capsys.readouterr().out.splitlines()) == ["short1", "short2"]
+    printed = sorted(line.split("\t")[0] for line in capsys.readouterr().out.splitlines())
+    assert printed == ["short1", "short2"]
     assert advanced == [2] and "interrupted" in str(stop.value)
 
 

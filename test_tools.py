@@ -228,7 +228,8 @@ def test_a_dangling_link_or_a_half_copied_corpus_is_refused_before_any_download(
     half = tmp_path / "half/AN4/train/an4"
     half.mkdir(parents=True)
     (half / "an4.trans.txt").write_text("an4-1 one two\nan4-2 three\n")  # a copy cut before its audio
-    for root, corpus, problem in (("root", "dev-clean", "which does not exist"), ("half", "an4", "a copy cut")):
+    for root, corpus, problem in (("root", "dev-clean", "which does not exist"),
+                                  ("half", "an4", "a copy cut")):
         with pytest.raises(SystemExit) as refused:
             download.main([corpus, "--root", str(tmp_path / root), "--base-url", server.url])
         assert problem in str(refused.value) and "Nothing was downloaded" in str(refused.value)
@@ -300,7 +301,8 @@ def test_lm_build_vocab_takes_every_word_of_a_sentence_list_or_a_corpus_folder(t
     (tmp_path / "book.txt").write_text("fg de\n")
     (tmp_path / "words.txt").write_text("the cat sat\nplan on it\n")
     write_librispeech(tmp_path / "corpus", ["abc", "jih"])
-    for vocab, added in (("words.txt", ["cat", "it", "on", "plan", "sat", "the"]), ("corpus", ["abc", "jih"])):
+    for vocab, added in (("words.txt", ["cat", "it", "on", "plan", "sat", "the"]),
+                         ("corpus", ["abc", "jih"])):
         out = tmp_path / f"{vocab}.arpa"
         lm.main(["build", str(tmp_path / "book.txt"), "--vocab", str(tmp_path / vocab), "--out", str(out)])
         words = [line.split("\t")[0] for line in out.with_suffix(".lexicon.txt").read_text().splitlines()]
