@@ -1258,7 +1258,8 @@ def test_silence_and_near_silence_decode_to_nothing_greedy_or_beam(tmp_path):
     rng = np.random.default_rng(0)
     dither = torch.from_numpy((rng.random(40 * 16000) - rng.random(40 * 16000)) / 32768).float()  # -98 dBFS
     speech = dither.clone()
-    speech[3 * 16000:4 * 16000] += 0.3  # a word at 3-4 s, then 36 s of the noise floor
+    speech[3 * 16000:4 * 16000] += 0.3 * torch.sin(2 * math.pi * 300 * torch.arange(16000) / 16000)  # a word
+    # at 3-4 s, then 36 s of the noise floor
     (tmp_path / "words.txt").write_text("ab\n")
     beam = functools.partial(decode.beam_search_spans, decode.build_beam_search(None, tmp_path / "words.txt",
                                                                                  10, 1.0, 0.0))
