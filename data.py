@@ -37,6 +37,7 @@ CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
 # or one named as audio or video is: a file so named that soundfile cannot read is told so, with this.
 AUDIO_NAMES = (".flac", ".wav", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".m4a", ".aac", ".mp4",
                ".webm", ".wma", ".amr", ".3gp", ".mov", ".mkv")
+SOUNDFILE_NAMES = (".flac", ".wav", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif")  # formats it reads
 CONVERT = "M4A/AAC or video converts with: ffmpeg -i IN -ar 16000 -ac 1 OUT.flac"
 TOO_SHORT = f"shorter than one analysis window ({1000 * WINDOW // SAMPLE_RATE} ms)"
 # A recording whose loudest 10 ms frames are within this of its quietest holds nothing to decode: digital
@@ -335,12 +336,18 @@ def load_usable_audio(path):
     """(waveform, None), or (None, why the file cannot be trained on, scored or decoded). A float
     file past full scale is scaled down to it: the features do not depend on the scale, but its
     power can overflow float32."""
-    if not Path(path).is_file():  # a named pipe would block the read
-        return None, "not a regular file (a pipe or a device)" if Path(path).exists() else "no such file"
+    path = Path(path)
+    if path.is_dir():
+        return None, "a folder, not a recording"
+    if path.is_symlink() and not path.exists():
+        return None, "a link that leads nowhere (or around in a loop)"
+    if not path.is_file():  # a named pipe would block the read
+        return None, "not a regular file (a pipe or a device)" if path.exists() else "no such file"
     try:
         wave = load_audio(path)
     except (RuntimeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
-        return None, f"unreadable audio ({e}); {CONVERT}"
+        hint = f"; {CONVERT}" if path.suffix.lower() not in SOUNDFILE_NAMES else ""  # a format it never reads
+        return None, f"unreadable audio ({e}){hint}"
     if len(wave) < WINDOW:
         return None, TOO_SHORT
     if not bool(torch.isfinite(wave).all()):

@@ -95,6 +95,9 @@ def fetch_archive(url, archive):
     except (OSError, urllib.error.URLError) as e:
         have = archive.stat().st_size if archive.exists() else 0
         again = "Run the same command again when the server answers"
+        if isinstance(e, urllib.error.HTTPError) and e.code == 404:
+            raise DownloadError(f"downloading {url}: the server has no such file (HTTP 404): pick a "
+                                f"--base-url that serves it.") from None
         if have:
             again = f"Run the same command again: it continues from the {have:,} bytes in {archive}"
         raise DownloadError(f"downloading {url}: {e}. {again} (or pick another --base-url).") from None

@@ -1075,8 +1075,9 @@ def test_mp3_ogg_and_opus_decode_as_their_own_samples_whatever_the_name(tmp_path
     with pytest.raises(SystemExit, match="nothing was decoded"):
         decode_main(tmp_path / "text.flac", tmp_path / "voice.m4a")
     err = capsys.readouterr().err
-    for bad in ("text.flac", "voice.m4a"):
-        assert f"{bad}: unreadable audio" in err and "ffmpeg -i IN -ar 16000 -ac 1 OUT.flac" in err, bad
+    assert "text.flac: unreadable audio" in err and "voice.m4a: unreadable audio" in err
+    hints = [line for line in err.splitlines() if "ffmpeg -i IN -ar 16000 -ac 1 OUT.flac" in line]
+    assert len(hints) == 1 and "voice.m4a" in hints[0]  # a broken FLAC needs no converter
     shown, quiet = decode_main(*codecs), decode_main(*codecs, "--quiet")
     assert shown.out == quiet.out and len(shown.out.splitlines()) == 3
     assert "decoded 3/3 recordings" in shown.err and "decoded" not in quiet.err
