@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -460,9 +461,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in kept] == [1, 2, 3, 4, 5]
 
 
-def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tmp_path):
-    train_dir, dev_dir = make_corpus(tmp_path, 10, 2)
-    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--eval-every", "100"))
+def test_resume_refuses_missing_corrupt_or_incompatible_checkpoints_untouched(tmp_path, stopped_run):
     good = torch.load(tmp_path / "run/last.pt", weights_only=True)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((tmp_path / "run/last.pt").read_bytes()[:1000])
@@ -586,27 +585,25 @@ def test_a_checkpoint_continues_only_its_own_run_and_a_damaged_last_pt_is_named(
     assert "--run-dir NEW_FOLDER" in str(finished.value)
 
 
-def test_resume_checks_transcripts_and_follows_a_moved_corpus(tmp_path):
-    train_dir, dev_dir = make_corpus(tmp_path, 12, 2)
-    train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "100",
-                            "--max-minutes", "1e-9"))
-    resume = ["--resume", str(tmp_path / "run/last.pt"), "--max-minutes", "1e-9"]
-    trans = next(train_dir.rglob("*.trans.txt"))
+def test_resume_checks_transcripts_and_follows_a_moved_corpus(tmp_path, trained_once, stopped_run):
+    moved = tmp_path / "moved-train"
+    shutil.copytree(trained_once / "train", moved)  # the run's corpus, somewhere else now
+    resume = ["--resume", str(stopped_run / "last.pt"), "--max-minutes", "1e-9", "--data", str(moved)]
+    trans = next(moved.rglob("*.trans.txt"))
     original = trans.read_text()
     trans.write_text(original.replace(original.split()[1], "JJJ", 1))  # same ids and audio, a new text
     with pytest.raises(InputError) as edited:
         train.train(resume)
     assert "training data (--data) changed" in str(edited.value)
     trans.write_text(original)
-    train_dir.rename(tmp_path / "moved-train")
-    with pytest.raises(InputError) as moved:
-        train.train(resume)
-    assert "no such file" in str(moved.value) and "If they moved" in str(moved.value)
+    with pytest.raises(InputError) as missing:
+        train.train(resume + ["--data", str(tmp_path / "nowhere")])
+    assert "no such file" in str(missing.value) and "If they moved" in str(missing.value)
     with pytest.raises(InputError) as other:  # another corpus at the new place is refused
-        train.train(resume + ["--data", str(dev_dir)])
+        train.train(resume + ["--data", str(trained_once / "dev")])
     assert "changed" in str(other.value)
-    train.train(resume + ["--data", str(tmp_path / "moved-train")])
-    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 2
+    train.train(resume)
+    assert torch.load(stopped_run / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_resume_refuses_a_checkpoint_of_an_older_train_py_or_a_foreign_pickle(tmp_path, stopped_run):
@@ -887,14 +884,17 @@ def test_a_stop_during_the_final_evaluation_saves_and_its_resume_only_scores(tmp
         train.train(["--resume", str(tmp_path / "run/last.pt")])
 
 
-def test_a_time_limit_on_the_last_step_finishes_the_run_and_a_raising_loop_gives_signals_back(
-        tmp_path, monkeypatch, capsys):
+def test_a_time_limit_on_the_last_step_finishes_the_run(tmp_path, capsys):
     train_dir, dev_dir = make_corpus(tmp_path, 4, 2)  # 4 short utterances: one step per epoch
     train.train(train_flags(train_dir, dev_dir, tmp_path / "run", "--epochs", "1", "--max-minutes", "1e-9"))
     assert "Continue with" not in capsys.readouterr().out
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(InputError, match="finished its 1 epochs"):
         train.train(["--resume", str(tmp_path / "run/last.pt")])
+
+
+def test_a_loop_that_raises_gives_ctrl_c_and_sigterm_back(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 4, 2)
 
     def broken_forward(*args):
         raise RuntimeError("a mistake inside the loop")
@@ -905,14 +905,18 @@ def test_a_time_limit_on_the_last_step_finishes_the_run_and_a_raising_loop_gives
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_interrupts_at_start_up_and_a_bad_duration_cache_are_handled(tmp_path, monkeypatch):
-    train_dir, dev_dir = make_corpus(tmp_path, 4, 2)
+def test_a_duration_cache_of_the_wrong_shape_is_rewritten(tmp_path):
+    train_dir, _ = make_corpus(tmp_path, 4, 2)
     cache = runs.cache_dir()
     data.read_corpus([train_dir], log=lambda m: None, cache_dir=cache)
     for cache_file in cache.iterdir():
         cache_file.write_text("[]")  # valid JSON of the wrong shape: ignored and rewritten
     assert len(data.read_corpus([train_dir], log=lambda m: None, cache_dir=cache)) == 4
     assert all(isinstance(json.loads(f.read_text()), dict) for f in cache.iterdir())
+
+
+def test_an_interrupt_at_start_up_says_nothing_was_trained_or_downloaded(tmp_path, monkeypatch):
+    train_dir, dev_dir = make_corpus(tmp_path, 4, 2)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
