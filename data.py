@@ -294,8 +294,8 @@ def load_audio(path):
     no factor of 100 with 16 kHz (44,101 or 11,127 Hz) is taken as the nearest multiple of 100 Hz, at most
     0.6% off in speed and pitch, as training's speed perturbation (10%) is: exact, its resampling filter
     is (16000 / g) x (rate / g) taps for g = gcd(rate, 16000), 13 GB for 3 s at 47,999 Hz."""
-    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    wave = torch.from_numpy(samples.mean(axis=1))
+    samples, rate = soundfile.read(path, dtype="float32")  # 1-D when mono: no copy of a long file
+    wave = torch.from_numpy(samples if samples.ndim == 1 else samples.mean(axis=1))
     if math.gcd(rate, SAMPLE_RATE) < 100:
         rate = max(100, round(rate / 100) * 100)
     if rate != SAMPLE_RATE:
