@@ -117,6 +117,8 @@ def build_parser():
     g.add_argument("--rnn-layers", type=positive, default=m.rnn_layers)
     g.add_argument("--rnn-hidden", type=positive, default=m.rnn_hidden, help="GRU units per direction")
     g.add_argument("--dropout", type=in_range(float, 0, 1), default=m.dropout)
+    g.add_argument("--norm-range-db", type=in_range(float, 0), default=m.norm_range_db, help="normalize "
+                   "features by the frames within this many dB of each utterance's loudest (0: every frame)")
     g.add_argument("--speed-perturb", action=argparse.BooleanOptionalAction, default=m.speed_perturb,
                    help="play each training batch at 0.9, 1.0 or 1.1 times its speed")
     g.add_argument("--freq-warp", type=in_range(float, 0, 0.5), default=m.freq_warp,
