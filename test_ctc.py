@@ -62,9 +62,11 @@ def test_output_lengths_match_real_tensor_shapes(stride):
         assert log_probs.shape[1] == out_lengths[0] == from_arithmetic, samples
 
 
-def test_an_utterance_gets_the_same_log_probs_alone_and_in_a_padded_batch():
+@pytest.mark.parametrize("norm_range_db", [0.0, 40.0])
+def test_an_utterance_gets_the_same_log_probs_alone_and_in_a_padded_batch(norm_range_db):
     torch.manual_seed(0)
-    model = CTCModel(ModelConfig(rnn_layers=2, rnn_hidden=16, conv_channels=4)).eval()
+    config = ModelConfig(rnn_layers=2, rnn_hidden=16, conv_channels=4, norm_range_db=norm_range_db)
+    model = CTCModel(config).eval()
     lengths = torch.tensor([5000, 16000, 9001])
     waves = torch.randn(3, 16000) * (torch.arange(16000)[None, :] < lengths[:, None])
     batch_log_probs, batch_lengths = model(waves, lengths)
@@ -72,6 +74,22 @@ def test_an_utterance_gets_the_same_log_probs_alone_and_in_a_padded_batch():
         alone, alone_lengths = model(waves[i:i + 1, :lengths[i]], lengths[i:i + 1])
         assert alone_lengths[0] == batch_lengths[i]
         torch.testing.assert_close(alone[0], batch_log_probs[i, :batch_lengths[i]], atol=1e-5, rtol=1e-5)
+
+
+def test_a_pause_around_the_words_leaves_their_features_with_norm_range_db():
+    """Statistics over every frame let a pause rescale the words; over the frames near the loudest, not."""
+    words = torch.from_numpy(tones("abcabcjihg"))
+    rng = np.random.default_rng(0)
+    floor = torch.from_numpy(rng.standard_normal(16000).astype(np.float32)) * 1e-4  # -80 dBFS
+    for pause in (torch.zeros(16000), floor):
+        padded = torch.cat([pause, words, pause])
+        moved = {}
+        for norm_range_db in (0.0, 40.0):
+            model = CTCModel(ModelConfig(norm_range_db=norm_range_db))
+            alone = model.features(words[None], torch.tensor([len(words)]))[0][0]
+            inside = model.features(padded[None], torch.tensor([len(padded)]))[0][0][100:100 + len(alone)]
+            moved[norm_range_db] = (inside - alone).abs()[2:-2]  # the frames that do not straddle the pause
+        assert moved[0.0].mean() > 0.3 and moved[40.0].max() < 0.01
 
 
 def test_spec_augment_only_in_training():
