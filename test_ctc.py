@@ -317,10 +317,13 @@ def test_unusable_audio_says_why_and_decode_skips_too_short_clips(tmp_path):
     soundfile.write(tmp_path / "nan.wav", np.full(8000, np.nan, np.float32), 16000, subtype="FLOAT")
     soundfile.write(tmp_path / "silent.wav", np.zeros(8000, np.float32), 16000)
     soundfile.write(tmp_path / "short.flac", tones("a")[:160], 16000)  # 10 ms
+    (tmp_path / "folder.wav").mkdir()
+    (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
     problems = {name: data.load_usable_audio(tmp_path / name)[1]
-                for name in ["nan.wav", "silent.wav", "short.flac"]}
+                for name in ["nan.wav", "silent.wav", "short.flac", "folder.wav", "loop.wav"]}
     assert problems == {"nan.wav": "NaN or infinite samples", "silent.wav": data.SILENT,
-                        "short.flac": data.TOO_SHORT}
+                        "short.flac": data.TOO_SHORT, "folder.wav": "a folder, not a recording",
+                        "loop.wav": "a link that leads nowhere (or around in a loop)"}
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
     short = run_script("decode.py", tmp_path / "m.pt", tmp_path / "short.flac")
