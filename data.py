@@ -290,13 +290,14 @@ def filter_trainable(utterances, max_seconds, output_frames, log=print):
 
 # ----------------------------------------------------------------------------------- audio
 def load_audio(path):
-    """Mono float32 waveform at 16 kHz: channels averaged, any other rate resampled. A rate that shares
-    no factor of 100 with 16 kHz (44,101 or 11,127 Hz) is taken as the nearest multiple of 100 Hz, at most
-    0.6% off in speed and pitch, as training's speed perturbation (10%) is: exact, its resampling filter
-    is (16000 / g) x (rate / g) taps for g = gcd(rate, 16000), 13 GB for 3 s at 47,999 Hz."""
+    """Mono float32 waveform at 16 kHz: channels averaged, any other rate resampled. The resampling
+    filter has (16000 / g) x (rate / g) phases and taps, g = gcd(rate, 16000): 70,560 at 44,100 Hz,
+    282,240 at 11,025, but 768 million at 47,999 (13 GB for 3 s). Past a million, the rate is read as
+    the nearest multiple of 100 Hz: at most 0.6% off in speed and pitch, a tenth of what training's
+    speed perturbation varies."""
     samples, rate = soundfile.read(path, dtype="float32")  # 1-D when mono: no copy of a long file
     wave = torch.from_numpy(samples if samples.ndim == 1 else samples.mean(axis=1))
-    if math.gcd(rate, SAMPLE_RATE) < 100:
+    if SAMPLE_RATE * rate // math.gcd(rate, SAMPLE_RATE) ** 2 > 1_000_000:
         rate = max(100, round(rate / 100) * 100)
     if rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)

@@ -387,16 +387,16 @@ def train_loop(run, loader, sampler, progress, stop):
     total_steps, run_start, start_step = args.epochs * len(sampler), time.time(), p.step
     log(f"run: {run.dir}  ({len(sampler)} steps/epoch, {total_steps} steps in all)")
     log("note: the greedy output is mostly blank at first (the 'blank plateau'); letters follow, then words")
-    ended, bad_in_a_row = None, 0
-    if p.eval_pending:  # a stop abandoned the evaluation of this step: it comes first
-        ended = None if evaluate_and_keep_best(run, p, f"eval step {p.step}", run_start, stop) else "signal"
+    ended, bad_in_a_row, limit = None, 0, args.max_minutes or math.inf
+    # A stop abandoned the evaluation of this step: it comes first.
+    if p.eval_pending and not evaluate_and_keep_best(run, p, f"eval step {p.step}", run_start, stop):
+        ended = "signal"
     run.model.train()
     while p.epoch < args.epochs and not ended:
         sampler.set_epoch(p.epoch, p.batch_in_epoch)
         for batch in run.interval.timed(loader):
             # At least one step a start: a resume always moves the run on.
-            late = ranks.main and p.step > start_step and run.training_minutes(run_start) > (args.max_minutes
-                                                                                            or math.inf)
+            late = ranks.main and p.step > start_step and run.training_minutes(run_start) > limit
             signalled, late, unusable = ranks.agree(bool(stop), late, batch is None)
             if signalled or late:
                 ended = "signal" if signalled else "time"
@@ -425,8 +425,9 @@ def train_loop(run, loader, sampler, progress, stop):
     del ddp_model  # before the process group goes: a DDP model left to exit's garbage collection hung there
 
     # ---- the end: a finished or timed-out run is scored once more unless its last step just was
-    if ended != "signal" and run.evaluated_step != p.step:
-        ended = ended if evaluate_and_keep_best(run, p, "final", run_start, stop) else "signal"
+    final_due = ended != "signal" and run.evaluated_step != p.step
+    if final_due and not evaluate_and_keep_best(run, p, "final", run_start, stop):
+        ended = "signal"
     if ranks.main:
         run.save("last.pt", p)
     if p.epoch >= args.epochs and ended != "signal":
