@@ -20,10 +20,10 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
-import itertools
 import shlex
 import signal
 import sys
