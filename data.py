@@ -35,9 +35,8 @@ from model import HOP, SAMPLE_RATE, VOCAB, WINDOW  # the model's input rate and 
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
 # A recording is a file soundfile opens (FLAC, WAV, MP3, Ogg Vorbis, Opus, AIFF, ...), whatever its name,
 # or one named as audio or video is: a file so named that soundfile cannot read is told so, with this.
-AUDIO_NAMES = (".flac", ".wav", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".m4a", ".aac", ".mp4",
-               ".webm", ".wma", ".amr", ".3gp", ".mov", ".mkv")
 SOUNDFILE_NAMES = (".flac", ".wav", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif")  # formats it reads
+AUDIO_NAMES = SOUNDFILE_NAMES + (".m4a", ".aac", ".mp4", ".webm", ".wma", ".amr", ".3gp", ".mov", ".mkv")
 CONVERT = "M4A/AAC or video converts with: ffmpeg -i IN -ar 16000 -ac 1 OUT.flac"
 TOO_SHORT = f"shorter than one analysis window ({1000 * WINDOW // SAMPLE_RATE} ms)"
 # A recording whose loudest 10 ms frames are within this of its quietest holds nothing to decode: digital
