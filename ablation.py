@@ -96,7 +96,7 @@ class AblationModel(CTCModel):
         if c.rnn == "time-major":  # the input stays (batch, time, features): the GRU runs over the batch
             for bi, size in zip(self.layers, sizes):
                 bi.forward_gru, bi.backward_gru = nn.GRU(size, c.rnn_hidden), nn.GRU(size, c.rnn_hidden)
-        outputs = len(LETTERS) if c.letters_only else c.vocab_size
+        outputs = len(LETTERS) if c.letters_only else len(VOCAB)
         width = directions * c.rnn_hidden
         self.output = nn.Linear(width, outputs) if not c.hidden else nn.Sequential(
             nn.Linear(width, HIDDEN_UNITS), nn.Softmax(-1) if c.hidden == "softmax" else nn.ReLU(),
@@ -198,7 +198,7 @@ def build(name):
     model_flags = []
     if config is not None:  # the run's flags describe the model it trains, as in any checkpoint
         flagged = {action.dest for action in train.build_parser()._actions}
-        for name in (f.name for f in dataclasses.fields(ModelConfig) if f.name in flagged):
+        for name in (f.name for f in dataclasses.fields(ModelConfig) if f.name in flagged - {"alphabet"}):
             value, flag = getattr(config, name), runs.as_flag(name)
             model_flags += ([flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool)
                             else [flag, str(value)])

@@ -30,9 +30,9 @@ import soundfile
 import torch
 import torchaudio
 
-from model import HOP, SAMPLE_RATE, VOCAB, WINDOW  # the model's input rate and frames, its output symbols
+from model import ENGLISH, HOP, SAMPLE_RATE, VOCAB, WINDOW, vocabulary  # its input and output symbols
 
-CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
+CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}  # English's
 # A recording is a file soundfile opens (FLAC, WAV, MP3, Ogg Vorbis, Opus, AIFF, ...), whatever its name,
 # or one named as audio or video is: a file so named that soundfile cannot read is told so, with this.
 SOUNDFILE_NAMES = (".flac", ".wav", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif")  # formats it reads
@@ -57,17 +57,85 @@ class InputError(Exception):
     'error: ...' and exits with status 1."""
 
 
-def normalize(text):
-    """Lowercase, strip accents, keep only the vocabulary. Returns (text, characters dropped)."""
-    text = unicodedata.normalize("NFKD", text.lower().translate(SEPARATORS))
-    text = "".join(c for c in text if not unicodedata.combining(c))  # e + accent -> e
-    kept = "".join(c if c in CHAR_TO_ID else " " if c.isspace() else "" for c in text)
-    dropped = sum(1 for c in text if c not in CHAR_TO_ID and not c.isspace())
-    return " ".join(kept.split()).strip(" "), dropped
+def normalize(text, alphabet=ENGLISH):
+    """Lowercase, keep only the alphabet's symbols and single spaces. Returns (text, characters dropped).
+    English strips accents (café -> cafe). Another alphabet keeps them, in Unicode NFC (an é typed as e +
+    accent is the one symbol é); a letter it lacks is written without its accent (é -> e) or as its
+    case folding (ß -> ss) if the alphabet has those; with dotless ı in it, I and İ lowercase the
+    Turkish way (ı, i)."""
+    if alphabet == ENGLISH:
+        text = unicodedata.normalize("NFKD", text.lower().translate(SEPARATORS))
+        text = "".join(c for c in text if not unicodedata.combining(c))  # e + accent -> e
+        kept = "".join(c if c in CHAR_TO_ID else " " if c.isspace() else "" for c in text)
+        dropped = sum(1 for c in text if c not in CHAR_TO_ID and not c.isspace())
+        return " ".join(kept.split()).strip(" "), dropped
+    if "ı" in alphabet:
+        text = text.replace("I", "ı").replace("İ", "i")
+    symbols, kept, dropped = set(alphabet), [], 0
+    for c in unicodedata.normalize("NFC", text.lower().translate(SEPARATORS)):
+        plain = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
+        spelling = next((s for s in (c, plain, c.casefold()) if s and set(s) <= symbols), None)
+        if spelling is None and not c.isspace() and not unicodedata.combining(c):
+            dropped += 1  # a mark with no letter of the alphabet to sit on goes with its letter
+        kept.append(spelling or (" " if c.isspace() else ""))
+    return " ".join("".join(kept).split()), dropped
 
 
-def encode(text):
-    return [CHAR_TO_ID[c] for c in text]
+def encode(text, alphabet=ENGLISH):
+    ids = {c: i for i, c in enumerate(vocabulary(alphabet))}
+    return [ids[c] for c in text]
+
+
+def read_alphabet(path):
+    """The symbols of an alphabet file: UTF-8, one character a line (blank lines skipped); the blank
+    and the space are every model's, so neither is written. InputError naming the file and line."""
+    try:
+        lines = Path(path).read_bytes().decode("utf-8-sig").splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror}); give an alphabet file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    symbols = {}  # symbol: its line
+    for number, line in enumerate(lines, 1):
+        symbol = unicodedata.normalize("NFC", line.strip())
+        where = f"{path} line {number}"
+        if not symbol:
+            continue
+        if len(symbol) > 1:
+            raise InputError(f"{where}: {symbol!r} is {len(symbol)} characters; write one symbol a line")
+        if symbol in (VOCAB[0], "|"):
+            raise InputError(f"{where}: {symbol!r} is taken: CTC's blank is written _, the beam search's "
+                             f"word boundary |; remove it")
+        if symbol != symbol.lower():
+            raise InputError(f"{where}: {symbol!r} is upper case, and transcripts are lowercased; write "
+                             f"{symbol.lower()!r}")
+        if symbol in symbols:
+            raise InputError(f"{where}: {symbol!r} is there twice (also line {symbols[symbol]})")
+        symbols[symbol] = number
+    if not symbols:
+        raise InputError(f"{path}: no symbols in it; write one character a line")
+    return "".join(symbols)
+
+
+def count_symbols(paths):
+    """(Counter of each character the transcripts of these corpora would be labelled with, {character:
+    an utterance id that holds it}): letters, marks and the apostrophe, lowercased in NFC. What
+    --alphabet auto is made of; digits are not (spell numbers out), nor punctuation."""
+    lines = []
+    for path in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
+        if not path.exists():
+            raise InputError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
+        lines += [(utt_id, raw) for utt_id, _, raw in transcript_lines(path, skip=lambda reason, what: None)
+                  if raw is not None and not any(c.isdigit() for c in raw)]
+    turkish = any("ı" in raw for _, raw in lines)  # then I is ı, as normalize() reads it
+    counts, example = collections.Counter(), {}
+    for utt_id, raw in lines:
+        raw = raw.replace("I", "ı").replace("İ", "i") if turkish else raw
+        for c in unicodedata.normalize("NFC", raw.lower().translate(SEPARATORS)):
+            if c == "'" or unicodedata.category(c)[0] in "LM":
+                counts[c] += 1
+                example.setdefault(c, utt_id)
+    return counts, example
 
 
 # ---------------------------------------------------------------------------------- corpus
@@ -198,10 +266,10 @@ def audio_info(paths, cache_dir=None):
     return info
 
 
-def label_problem(raw, text):
+def label_problem(raw, text, alphabet=ENGLISH):
     """Why a transcript (raw, and normalized: text) can be neither a training label nor a reference
     to score, or None."""
-    if any(c.isdigit() for c in raw):  # dropping them would leave a label the audio does not say
+    if any(c.isdigit() and c not in alphabet for c in raw):  # dropped, the label would not be what is said
         return "transcript holds digits (spell numbers out)"
     return None if text else "empty transcript"
 
@@ -215,10 +283,10 @@ def header_problem(header):
     return TOO_SHORT if header[0] / header[1] < WINDOW / SAMPLE_RATE else None
 
 
-def read_corpus(paths, log=print, cache_dir=None):
-    """Read corpora (a path or a list of them) into a list of dicts {id, path, text, seconds}; log what
-    was skipped and why; cache_dir: see audio_info. Raises InputError naming the path when one holds
-    no usable transcripts."""
+def read_corpus(paths, log=print, cache_dir=None, alphabet=ENGLISH):
+    """Read corpora (a path or a list of them) into a list of dicts {id, path, text, seconds}, the text
+    normalized to the alphabet; log what was skipped and why; cache_dir: see audio_info. Raises
+    InputError naming the path when one holds no usable transcripts."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     stats, named = collections.Counter(), collections.defaultdict(list)
 
@@ -247,9 +315,9 @@ def read_corpus(paths, log=print, cache_dir=None):
             raise InputError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
         info, usable_before = audio_info([a for _, a, _ in present], cache_dir), len(utterances)
         for utt_id, audio, raw in present:
-            text, dropped = normalize(raw)
+            text, dropped = normalize(raw, alphabet)
             stats["characters dropped by normalization"] += dropped
-            problem = label_problem(raw, text) or header_problem(info[audio])
+            problem = label_problem(raw, text, alphabet) or header_problem(info[audio])
             if problem:
                 skip(problem, audio)
             else:
@@ -273,8 +341,8 @@ def filter_trainable(utterances, max_seconds, output_frames, log=print):
     output frames than the model produces (each repeated letter costs an extra blank frame)."""
     kept, too_long, unalignable = [], 0, 0
     for u, frames in zip(utterances, output_frames([round(u["seconds"] * SAMPLE_RATE) for u in utterances])):
-        ids = encode(u["text"])
-        needed = len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+        text = u["text"]  # one symbol a character
+        needed = len(text) + sum(a == b for a, b in zip(text, text[1:]))
         if u["seconds"] > max_seconds:
             too_long += 1
         elif needed > frames:
@@ -363,8 +431,8 @@ class AudioDataset(torch.utils.data.Dataset):
     """Item i -> (waveform, token ids, text, id), or None when the file cannot be used;
     collate() drops those, so one bad file costs one utterance, not the run."""
 
-    def __init__(self, utterances):
-        self.utterances = utterances
+    def __init__(self, utterances, alphabet=ENGLISH):
+        self.utterances, self.alphabet = utterances, alphabet
 
     def __len__(self):
         return len(self.utterances)
@@ -375,7 +443,7 @@ class AudioDataset(torch.utils.data.Dataset):
         if problem:
             print(f"warning: skipping {u['path']}: {problem}", file=sys.stderr)
             return None
-        return wave, torch.tensor(encode(u["text"]), dtype=torch.long), u["text"], u["id"]
+        return wave, torch.tensor(encode(u["text"], self.alphabet), dtype=torch.long), u["text"], u["id"]
 
 
 def collate(items):
@@ -395,11 +463,11 @@ def collate(items):
 
 
 # --------------------------------------------------------------------------------- batches
-def batch_loader(utterances, batches, workers, pin_memory, worker_init_fn=None):
+def batch_loader(utterances, batches, workers, pin_memory, worker_init_fn=None, alphabet=ENGLISH):
     """Padded batches (collate) of utterances, batches: a BucketBatches, read by workers processes. It
     has its own generator: a loader must not draw from the global RNG, or a resume would shift it."""
     return torch.utils.data.DataLoader(
-        AudioDataset(utterances), batch_sampler=batches, collate_fn=collate, num_workers=workers,
+        AudioDataset(utterances, alphabet), batch_sampler=batches, collate_fn=collate, num_workers=workers,
         pin_memory=pin_memory, worker_init_fn=worker_init_fn, persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None, generator=torch.Generator())
 

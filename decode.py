@@ -35,13 +35,12 @@ import torch
 import data
 import runs
 from data import InputError
-from model import BLANK, FRAMES_PER_SECOND, HOP, SAMPLE_RATE, VOCAB, WINDOW, greedy_spans, lengths_mask
+from model import (BLANK, ENGLISH, FRAMES_PER_SECOND, HOP, SAMPLE_RATE, SPACE, VOCAB, WINDOW, greedy_spans,
+                   lengths_mask, vocabulary)
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
 PROGRESS_SECONDS = 30  # how often the progress line is written when stderr is not a terminal
 WINDOW_BATCHES = 32   # inputs are sorted by length this many batches at a time, then written in order
-# The decoder's names for our symbols: the blank stays "_", the space is its word boundary "|".
-TOKENS = ["|" if symbol == " " else symbol for symbol in VOCAB]
 # Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
 BEAM_DEFAULTS = {"beam_size": 100, "lm_weight": 1.5, "word_score": 0.5}
 KENLM_MAX_ORDER = 6  # flashlight-text's KenLM is built with the default KENLM_MAX_ORDER
@@ -109,9 +108,9 @@ def read_lexicon(path):
     return [line.split()[0] for line in lines if line.strip()]
 
 
-def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
-    """torchaudio's CTC beam search over the words of the lexicon (default: the LM's words).
-    Every file is read and checked here, before any audio is decoded."""
+def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score, alphabet=ENGLISH):
+    """torchaudio's CTC beam search over the words of the lexicon (default: the LM's words), spelled in
+    the model's alphabet. Every file is read and checked here, before any audio is decoded."""
     from torchaudio.models.decoder import ctc_decoder  # needs flashlight-text
     source = lexicon or lm
     lm_words = read_lm_words(lm) if lm else None
@@ -126,31 +125,33 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score):
             raise InputError(f"{len(unknown):,} of the {len(words):,} words of {lexicon} are not in {lm} "
                              f"(e.g. {', '.join(unknown[:3])}; the LM has {', '.join(lm_words[:3])}): one in "
                              f"upper case and the other in lower? Use a lexicon written in the LM's spelling")
-    # Decoder words stay as the LM writes them ("HELLO" in LibriSpeech's); spelled in our vocabulary.
-    spellings = {w: data.normalize(w)[0] for w in words}
+    # Decoder words stay as the LM writes them ("HELLO" in LibriSpeech's); spelled in the model's symbols.
+    spellings = {w: data.normalize(w, alphabet)[0] for w in words}
     spellings = {w: s for w, s in spellings.items() if s and " " not in s}
     if not spellings:
-        raise InputError(f"{source} holds no words spelled with the model's letters and apostrophe")
+        raise InputError(f"{source} holds no words spelled with the model's alphabet ({alphabet})")
+    vocab = vocabulary(alphabet)
+    tokens = ["|" if symbol == " " else symbol for symbol in vocab]  # "|": the decoder's word boundary
     with tempfile.TemporaryDirectory() as folder:
         lexicon_file = Path(folder) / "lexicon.txt"
         # A word ends at the boundary token "|", as the decoder's lexicons spell it.
         lexicon_file.write_text("".join(f"{w}\t{' '.join(s)} |\n" for w, s in spellings.items()))
         try:
-            return ctc_decoder(str(lexicon_file), TOKENS, lm=str(lm) if lm else None, beam_size=beam_size,
+            return ctc_decoder(str(lexicon_file), tokens, lm=str(lm) if lm else None, beam_size=beam_size,
                                lm_weight=lm_weight, word_score=word_score,
-                               blank_token=VOCAB[BLANK], sil_token="|")
+                               blank_token=vocab[BLANK], sil_token="|")
         except RuntimeError as e:  # KenLM's message says what it could not parse
             raise InputError(f"{lm}: KenLM cannot load it: {' '.join(str(e).split())[:400]}") from None
 
 
-def beam_search_spans(decoder, log_probs, out_lengths):
+def beam_search_spans(decoder, log_probs, out_lengths, vocab=VOCAB):
     """Per utterance, the beam search's best transcript as [(symbol, frame, frame)], spelled in our
     letters (the lexicon spells each word so) at the frame where each letter is emitted."""
     # A word is complete only at a word boundary, and the model (trained on transcripts without a
     # trailing space) emits none after the last word: append one frame that is surely a boundary.
     batch, frames, symbols = log_probs.shape
     boundary = torch.full((symbols,), -1e4)
-    boundary[data.CHAR_TO_ID[" "]] = 0.0
+    boundary[SPACE] = 0.0
     emissions = boundary.expand(batch, frames + 1, symbols).clone()
     out_lengths = out_lengths.cpu()
     real_frames = log_probs.float().cpu()[lengths_mask(out_lengths, frames)]
@@ -160,7 +161,7 @@ def beam_search_spans(decoder, log_probs, out_lengths):
         tokens, times = (nbest[0].tokens.tolist(), nbest[0].timesteps.tolist()) if nbest else ([], [])
         kept, words = [], 0
         # Flashlight counts frames from 1: its step 0 is the start of the search, before any frame.
-        for symbol, frame in ((VOCAB[t], f - 1) for t, f in zip(tokens, times) if t != BLANK):
+        for symbol, frame in ((vocab[t], f - 1) for t, f in zip(tokens, times) if t != BLANK):
             if words == len(nbest[0].words):  # the path may end inside a word it never finished
                 break
             words += symbol == " " and bool(kept) and kept[-1][0] != " "
@@ -199,7 +200,7 @@ def split_chunks(wave, chunk_seconds):
     return pieces
 
 
-def resolve_inputs(paths):
+def resolve_inputs(paths, alphabet):
     """Inputs -> ([(id, audio path, reference text or None)], inputs that name no recording). Every
     recording is decoded; its transcript only decides whether it is scored: not when train.py
     would not train on it (digits, nothing to say). A file is a recording if soundfile opens it or
@@ -220,8 +221,8 @@ def resolve_inputs(paths):
             unusable += 1
             continue
         for utt_id, audio, raw in lines:
-            text = data.normalize(raw)[0] if raw is not None else None
-            problem = data.label_problem(raw, text) if raw is not None else None
+            text = data.normalize(raw, alphabet)[0] if raw is not None else None
+            problem = data.label_problem(raw, text, alphabet) if raw is not None else None
             unscored[problem] += bool(problem)
             utterances.append((utt_id, audio, None if problem else text))
     if +unscored:
@@ -351,18 +352,19 @@ def build_parser():
 def decode_inputs(args):
     """Decode as the parsed command line says, printing each transcript as it is ready. Raises
     InputError for a bad checkpoint, LM or lexicon (before any audio), or when nothing was decoded."""
-    spans = greedy_spans
+    model, _ = runs.build_from_checkpoint(args.checkpoint)
+    spans = functools.partial(greedy_spans, vocab=model.vocab)
     if args.lm or args.lexicon:
         settings = {name: BEAM_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
                     for name in BEAM_DEFAULTS}
-        spans = functools.partial(beam_search_spans, build_beam_search(args.lm, args.lexicon, **settings))
+        decoder = build_beam_search(args.lm, args.lexicon, alphabet=model.config.alphabet, **settings)
+        spans = functools.partial(beam_search_spans, decoder, vocab=model.vocab)
     device = torch.device(args.device)
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
-    model, _ = runs.build_from_checkpoint(args.checkpoint)
     model.to(device).eval()
 
-    utterances, unusable = resolve_inputs(args.inputs)
+    utterances, unusable = resolve_inputs(args.inputs, model.config.alphabet)
     single = len(args.inputs) == len(utterances) == 1 and Path(args.inputs[0]).is_file() \
         and utterances[0][2] is None
     paths = [p for _, p, _ in utterances]

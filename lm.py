@@ -4,11 +4,13 @@ ARPA from your own text, or fetch LibriSpeech's official ones.
     python lm.py build AN4/train --out AN4/train.3gram.arpa      # from transcripts, 6 s for AN4
     python lm.py build corpus.txt more.tsv --out my.4gram.arpa.gz --order 4
     python lm.py build books.txt --vocab librispeech-vocab.txt --out books.3gram.arpa   # its words too
+    python lm.py build vi/train.tsv --alphabet runs/<run>/best.pt --out vi.3gram.arpa   # a model's alphabet
     python lm.py librispeech --root .        # -> ./LibriSpeech/lm/3-gram.pruned.1e-7.arpa.gz + lexicon
     python lm.py librispeech --root . --4gram                    # the 1.4 GB 4-gram
 
 build reads LibriSpeech-layout folders (.trans.txt), TSV manifests and plain text files (a
-sentence per line), spells every word as the model does (data.normalize), and writes the ARPA
+sentence per line), spells every word as the model does (data.normalize; --alphabet: a checkpoint's
+symbols, an alphabet file's, or English's, the default), and writes the ARPA
 file (gzipped if its name ends in .gz) with its words beside it (.lexicon.txt). --vocab adds
 the words of a list (a word per line) that the text lacks, each with the probability the model
 gives an unseen word, so that a beam search can spell them. Everything is counted in memory
@@ -25,15 +27,16 @@ from pathlib import Path
 
 import download
 from download import DownloadError
-from data import files_under, normalize
-from runs import write_atomically
+from data import InputError, files_under, normalize, read_alphabet
+from model import ENGLISH
+from runs import load_checkpoint, write_atomically
 
 
 def unreadable_folder(reason, folder):
     raise DownloadError(f"{folder}: {reason}")
 
 
-def read_sentences(paths):
+def read_sentences(paths, alphabet=ENGLISH):
     """Word lists from LibriSpeech-layout folders (.trans.txt), TSV manifests (the transcript
     column) and plain text files (a sentence per line), normalized as the model spells them."""
     for path in map(Path, paths):
@@ -60,7 +63,7 @@ def read_sentences(paths):
                         raise DownloadError(f"{file}:{line_no}: expected two tab-separated columns, "
                                             f"'audio path<TAB>transcript'")
                     line = line.partition("\t")[2]
-                words = normalize(line)[0].split()
+                words = normalize(line, alphabet)[0].split()
                 if words:
                     yield words
 
@@ -140,13 +143,13 @@ ARPABET = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG O
               "Y Z ZH".split())
 
 
-def read_word_list(path):
+def read_word_list(path, alphabet=ENGLISH):
     """The words of a word list, spelled as the model spells: every word of each line, but only the first
     of a lexicon's line (its other fields are phones with stress digits, or the word's letters); the words
     of a corpus folder's transcripts. A field that is no such word (digits, symbols, spaces once
     normalized) is left out, counted and named on stderr, not mangled into another word."""
     if Path(path).is_dir():
-        return sorted({word for sentence in read_sentences([path]) for word in sentence})
+        return sorted({word for sentence in read_sentences([path], alphabet) for word in sentence})
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -157,18 +160,19 @@ def read_word_list(path):
         spelling = len(spelled) > 1 and "".join(spelled).lower() == fields[0].lower()
         lexicon = len(fields) > 1 and (spelling or all(f.rstrip("012") in ARPABET for f in fields[1:]))
         for field in fields[:1] if lexicon else fields:
-            word, dropped = normalize(field)
-            if word and not dropped and " " not in word and not any(c.isdigit() for c in field):
+            word, dropped = normalize(field, alphabet)
+            if word and not dropped and " " not in word and not any(c.isdigit() and c not in alphabet
+                                                                     for c in field):
                 words.append(word)
             else:
                 left_out.append(field)
     if left_out:
-        print(f"note: {path}: {len(left_out)} entries are not words spelled with a-z and apostrophe and "
+        print(f"note: {path}: {len(left_out)} entries are not words spelled in the alphabet ({alphabet}) and "
               f"were left out (e.g. {', '.join(left_out[:5])})", file=sys.stderr)
     return words
 
 
-def build_lm(text_paths, out, order, vocab=None, quiet=False):
+def build_lm(text_paths, out, order, vocab=None, quiet=False, alphabet=ENGLISH):
     """Every file it would write is checked before any work: none may exist, their folder must. Each
     stage is said on stderr as it ends, with the time so far (a book collection takes minutes)."""
     started = time.time()
@@ -183,11 +187,11 @@ def build_lm(text_paths, out, order, vocab=None, quiet=False):
                             f"should go, or pick another --out.")
     if not out.parent.is_dir():
         raise DownloadError(f"--out {out}: the folder {out.parent} does not exist; create it first")
-    extra_words = read_word_list(vocab) if vocab else []
-    sentences = list(read_sentences(text_paths))
+    extra_words = read_word_list(vocab, alphabet) if vocab else []
+    sentences = list(read_sentences(text_paths, alphabet))
     if not sentences:
-        raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled with a-z and "
-                            f"apostrophes (digits and other symbols are dropped); nothing was written")
+        raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled in the alphabet "
+                            f"({alphabet}; digits and other symbols are dropped); nothing was written")
     stage(f"read {len(sentences):,} sentences, {sum(map(len, sentences)):,} words")
     model = kneser_ney(sentences, order, extra_words)
     stage(f"estimated the {order}-gram model")
@@ -241,6 +245,18 @@ def fetch_librispeech_lm(name, root, base_url):
         print(f"{final}: ready", file=sys.stderr)
 
 
+def model_alphabet(name):
+    """The symbols --alphabet names: "english", a checkpoint's (a .pt file) or an alphabet file's."""
+    try:
+        if name == "english":
+            return ENGLISH
+        if name.endswith(".pt"):
+            return load_checkpoint(name)["model_config"].get("alphabet", ENGLISH)
+        return read_alphabet(name)
+    except InputError as e:
+        raise DownloadError(f"--alphabet {e}") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,6 +267,8 @@ def main(argv=None):
     build.add_argument("--order", type=int, default=3, choices=range(2, 7), metavar="N",
                        help="n of the n-gram LM (2-6: KenLM reads bigrams and longer)")
     build.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    build.add_argument("--alphabet", default="english", help="spell words in the symbols of a train.py "
+                       "checkpoint (.pt), of an alphabet file, or English's (the default)")
     build.add_argument("--vocab", type=Path, help="a word list (e.g. LibriSpeech's librispeech-vocab.txt, "
                        "a lexicon, text, or a corpus folder) whose words the LM and its lexicon also hold")
     fetch = commands.add_parser("librispeech", help="LibriSpeech's official LMs (openslr.org/11)")
@@ -261,7 +279,8 @@ def main(argv=None):
                        help="another location of the files; they are checked against the official SHA-256s")
     args = parser.parse_args(argv)
     if args.command == "build":
-        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order, args.vocab, args.quiet),
+        download.exit_on_errors(lambda: build_lm(args.text, args.out, args.order, args.vocab, args.quiet,
+                                                 model_alphabet(args.alphabet)),
                                 interrupted=f"interrupted; nothing was written to {args.out} (it is written "
                                             f"whole or not at all)")
     else:

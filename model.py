@@ -1,9 +1,9 @@
 """The acoustic model: padded 16 kHz waveforms + lengths -> CTC log-probabilities + lengths, and
-what those mean (VOCAB, greedy decoding).
+what those mean (its vocabulary, greedy decoding).
 
     model = CTCModel(ModelConfig())
     log_probs, out_lengths = model(waves, wave_lengths)   # (B, T, vocab), (B,)
-    texts = greedy_decode(log_probs, out_lengths)         # ["hello world", ...]
+    texts = greedy_decode(log_probs, out_lengths, model.vocab)   # ["hello world", ...]
 
 Read top to bottom, this file is the whole path from samples to the CTC loss input:
 (speed perturbation, training only) -> log-mel -> per-utterance normalization -> frequency warp
@@ -20,9 +20,19 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-# The output symbols: index 0 is CTC's blank ("_"), then space, apostrophe and a-z.
-VOCAB = ["_", " ", "'"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+# The output symbols: index 0 is CTC's blank ("_"), 1 the space between words, then the alphabet's
+# symbols, one Unicode character each. English's are the apostrophe and a-z; another language's come
+# from train.py --alphabet and travel in the model's config, so every checkpoint knows its own.
+ENGLISH = "'" + "".join(chr(c) for c in range(ord("a"), ord("z") + 1))
 BLANK = 0                            # CTCLoss(blank=0)
+SPACE = 1
+
+
+def vocabulary(alphabet):
+    return ["_", " "] + list(alphabet)
+
+
+VOCAB = vocabulary(ENGLISH)
 SAMPLE_RATE = 16000
 WINDOW = 400                         # 25 ms analysis window
 HOP = 160                            # 10 ms hop
@@ -39,7 +49,7 @@ SPEEDS = (0.9, 1.0, 1.1)             # speed perturbation's factors (Ko et al. 2
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = len(VOCAB)
+    alphabet: str = ENGLISH          # the symbols written besides blank and space
     n_mels: int = 80
     time_stride: int = 2             # output frames/s = FRAMES_PER_SECOND / time_stride
     conv_channels: int = 32
@@ -114,6 +124,7 @@ class CTCModel(nn.Module):
         if config.time_stride not in TIME_STRIDES:
             raise ValueError(f"time_stride must be one of {sorted(TIME_STRIDES)}, got {config.time_stride}")
         self.config = config
+        self.vocab = vocabulary(config.alphabet)
         # power=2 then log: log-mel energies. center=False keeps every frame inside its own
         # utterance, which makes features independent of the padding after it.
         self.mel = torchaudio.transforms.MelSpectrogram(
@@ -129,7 +140,7 @@ class CTCModel(nn.Module):
         sizes = [channels * freq_bins] + [2 * config.rnn_hidden] * (config.rnn_layers - 1)
         self.layers = nn.ModuleList(BiGRULayer(size, config.rnn_hidden) for size in sizes)
         self.dropout = nn.Dropout(config.dropout)
-        self.output = nn.Linear(2 * config.rnn_hidden, config.vocab_size)
+        self.output = nn.Linear(2 * config.rnn_hidden, len(self.vocab))
 
     def output_lengths(self, wave_lengths):
         """CTC output frames for waveforms of these lengths, from the conv arithmetic alone."""
@@ -243,7 +254,7 @@ class CTCModel(nn.Module):
 
 
 # ---------------------------------------------------------------- what the log-probs mean
-def greedy_spans(log_probs, out_lengths):
+def greedy_spans(log_probs, out_lengths, vocab=VOCAB):
     """Per utterance, the best path (argmax per frame, repeats collapsed, blanks dropped, up to
     each output length) as [(symbol, first frame, last frame)]. A letter repeated with a blank
     between ("l _ l") stays double."""
@@ -255,12 +266,12 @@ def greedy_spans(log_probs, out_lengths):
         first = starts[:length].nonzero()[:, 0]
         last = torch.cat([first[1:], torch.tensor([length])]) - 1
         symbols = row[first].tolist()
-        spans.append([(VOCAB[s], f, e) for s, f, e in zip(symbols, first.tolist(), last.tolist())
+        spans.append([(vocab[s], f, e) for s, f, e in zip(symbols, first.tolist(), last.tolist())
                       if s != BLANK])
     return spans
 
 
-def greedy_decode(log_probs, out_lengths):
+def greedy_decode(log_probs, out_lengths, vocab=VOCAB):
     """The best path's text; doubled or leading spaces, which a best path can hold, squeezed."""
-    paths = greedy_spans(log_probs, out_lengths)
+    paths = greedy_spans(log_probs, out_lengths, vocab)
     return [" ".join("".join(symbol for symbol, _, _ in spans).split()) for spans in paths]

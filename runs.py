@@ -32,11 +32,13 @@ from pathlib import Path
 import torch
 
 from data import InputError
-from model import VOCAB, CTCModel, ModelConfig
+from model import ENGLISH, CTCModel, ModelConfig, vocabulary
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 MODEL_KEYS = ("model_config", "model", "vocab")       # what rebuilds the model
+# The model flags that --init-from takes from its checkpoint: the weights' shapes and what they read.
+SHAPE = ("n_mels", "time_stride", "conv_channels", "rnn_layers", "rnn_hidden", "norm_range_db")
 RESUME_KEYS = MODEL_KEYS + ("train_config", "optimizer", "step", "epoch", "batch_in_epoch", "best_wer",
                             "best_cer", "rng_cpu", "rng_cuda", "world_size", "run_id", "train_set", "dev_set")
 
@@ -249,9 +251,9 @@ def keep_metrics_until(step, source, run_dir):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def model_checkpoint(model, vocab):
+def model_checkpoint(model):
     """The part of every checkpoint that rebuilds the model: plain types and tensors only."""
-    return {"model_config": asdict(model.config), "model": model.state_dict(), "vocab": list(vocab)}
+    return {"model_config": asdict(model.config), "model": model.state_dict(), "vocab": list(model.vocab)}
 
 
 def save_checkpoint(checkpoint, path):
@@ -259,8 +261,8 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, keys=MODEL_KEYS, name=None):
-    """A checkpoint train.py wrote for this code's vocabulary, holding these keys, or InputError
-    naming it as name (default: its path)."""
+    """A checkpoint train.py wrote, holding these keys, or InputError naming it as name (default: its
+    path). One written before models had alphabets (its config has a vocab_size) is read as English's."""
     path = Path(path)
     name = name or str(path)
     try:
@@ -282,9 +284,13 @@ def load_checkpoint(path, keys=MODEL_KEYS, name=None):
         reason = (str(e).strip().splitlines() or [""])[0]
         raise InputError(f"{name}: not a readable train.py checkpoint ({type(e).__name__}: "
                          f"{reason})") from None
-    if checkpoint["vocab"] != VOCAB:
-        raise InputError(f"{name}: its vocabulary {''.join(checkpoint['vocab'])!r} differs from this "
-                         f"code's {''.join(VOCAB)!r}; use the code that wrote it")
+    config = checkpoint.get("model_config", {})
+    if config.pop("vocab_size", None) is not None:
+        config["alphabet"] = ENGLISH
+    symbols = vocabulary(config.get("alphabet", ENGLISH))
+    if "vocab" in checkpoint and checkpoint["vocab"] != symbols:
+        raise InputError(f"{name}: its vocabulary {''.join(checkpoint['vocab'])!r} is not its model's "
+                         f"{''.join(symbols)!r}; use the code that wrote it")
     return checkpoint
 
 
@@ -309,6 +315,50 @@ def as_flag(name):
     return "--" + name.replace("_", "-")
 
 
+def typed_flags(build_parser, argv):
+    """The names of the flags argv gives, even those given at their defaults."""
+    parser = build_parser()
+    for action in parser._actions:  # so that only the flags argv names come back
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def init_args(args, typed, log):
+    """--init-from: the checkpoint whose model starts a new run (build_from_checkpoint's checks). Its
+    model's shape (SHAPE) becomes the run's: a shape flag typed (typed: their names) with another value
+    is refused; a recipe's gives way."""
+    path = args.init_from
+    start = build_from_checkpoint(path)[1]
+    for name in SHAPE:
+        saved, asked = start["model_config"].get(name, getattr(ModelConfig(), name)), getattr(args, name)
+        if name in typed and asked != saved:
+            raise InputError(f"--init-from {path}: its model has {as_flag(name)} {saved}, and "
+                             f"{as_flag(name)} {asked} would be another model; drop the flag, or train "
+                             f"from scratch without --init-from")
+        if asked != saved:
+            log(f"init: {as_flag(name)} {saved}, the model's, in place of {asked}")
+        setattr(args, name, saved)
+    return start
+
+
+def load_matching(model, start):
+    """Copy into model every tensor of the checkpoint start whose name and shape match, but not the
+    output layer when the alphabets differ (its rows mean other symbols). Returns the names not loaded."""
+    own = model.state_dict()
+    same_symbols = start["model_config"].get("alphabet", ENGLISH) == model.config.alphabet
+    loaded = {name: tensor for name, tensor in start["model"].items() if name in own
+              and own[name].shape == tensor.shape and (same_symbols or not name.startswith("output."))}
+    model.load_state_dict(loaded, strict=False)
+    return sorted(set(own) - set(loaded))
+
+
+def started_from(args, start):
+    """What a new run's checkpoints record of the checkpoint it started from, start (None: from scratch)."""
+    if start is None:
+        return None
+    return {"checkpoint": args.init_from, "run_id": start.get("run_id"), "step": start.get("step")}
+
+
 def resume_args(build_parser, argv, args, may_change, build_model, world_size):
     """(the run's flags, its checkpoint) for a command line with --resume: the flags the run was
     started with, plus those argv names among may_change (and --run-dir). A typed flag that would
@@ -317,10 +367,7 @@ def resume_args(build_parser, argv, args, may_change, build_model, world_size):
     path = Path(args.resume)
     path = path / "last.pt" if path.is_dir() else path
     checkpoint = load_checkpoint(path, RESUME_KEYS, name=f"--resume {path}")
-    parser = build_parser()
-    for action in parser._actions:  # so that only the flags argv names come back, even at their defaults
-        action.default = argparse.SUPPRESS
-    given = {k: getattr(args, k) for k in vars(parser.parse_args(argv)) if k != "resume"}
+    given = {k: getattr(args, k) for k in typed_flags(build_parser, argv) if k != "resume"}
     refused = [as_flag(k) for k in given if k not in may_change + ("run_dir",)]
     if refused:  # silently ignoring them would train something other than what was asked
         raise InputError(f"--resume continues {path} with the flags it was started with, which the "
@@ -446,7 +493,7 @@ def save_training_state(path, model, average, optimizer, progress, args, world_s
     and all a resume continues from: "trained_model" (what AdamW trains), optimizer, progress, flags;
     progress: a Progress; identity: {"run_id", "train_set", "dev_set"}."""
     save_checkpoint({
-        **model_checkpoint(average or model, VOCAB), "train_config": vars(args),
+        **model_checkpoint(average or model), "train_config": vars(args),
         **({"trained_model": model.state_dict()} if average else {}),
         "optimizer": optimizer.state_dict(), **asdict(progress), "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,

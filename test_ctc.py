@@ -299,7 +299,7 @@ def test_manifests_have_two_columns_digits_are_skipped_and_ids_are_unique(tmp_pa
     assert [u["text"] for u in corpus] == ["abc"]
     assert "transcript holds digits (spell numbers out): 1" in capsys.readouterr().out
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    runs.save_checkpoint(model_checkpoint(model), tmp_path / "m.pt")
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()
         soundfile.write(tmp_path / folder / "same.wav", tones("ab"), 16000)
@@ -324,7 +324,7 @@ def test_unusable_audio_says_why_and_decode_skips_too_short_clips(tmp_path):
                         "short.flac": data.TOO_SHORT, "folder.wav": "a folder, not a recording",
                         "loop.wav": "a link that leads nowhere (or around in a loop)"}
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    runs.save_checkpoint(model_checkpoint(model), tmp_path / "m.pt")
     short = run_script("decode.py", tmp_path / "m.pt", tmp_path / "short.flac")
     assert short.returncode != 0 and "Traceback" not in short.stderr
     assert "short.flac" in short.stderr and "shorter than one analysis window" in short.stderr
@@ -348,7 +348,7 @@ def test_batches_are_split_across_ranks_without_duplicates():
 # ----------------------------------------------------- runs.py: the run folder, checkpoints, resume
 def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=2, rnn_hidden=16, conv_channels=4)).eval()
-    runs.save_checkpoint({**model_checkpoint(model, data.VOCAB), "note": [1, "x"]}, tmp_path / "m.pt")
+    runs.save_checkpoint({**model_checkpoint(model), "note": [1, "x"]}, tmp_path / "m.pt")
     torch.load(tmp_path / "m.pt", weights_only=True)  # plain types and tensors only
     rebuilt, _ = build_from_checkpoint(tmp_path / "m.pt")
     wave = torch.randn(2, 12000)
@@ -1061,7 +1061,7 @@ def test_decode_scores_equal_an_independent_scorer():
 def test_decode_reports_each_bad_input_and_fails_only_if_nothing_decoded(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     checkpoint = tmp_path / "m.pt"
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), checkpoint)
+    runs.save_checkpoint(model_checkpoint(model), checkpoint)
     (tmp_path / "no_audio").mkdir()
     (tmp_path / "broken.flac").write_bytes(b"not audio")
     soundfile.write(tmp_path / "good.wav", tones("abc"), 16000)
@@ -1081,7 +1081,7 @@ def test_mp3_ogg_and_opus_decode_as_their_own_samples_whatever_the_name(tmp_path
     torch.manual_seed(0)
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     checkpoint = tmp_path / "m.pt"
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), checkpoint)
+    runs.save_checkpoint(model_checkpoint(model), checkpoint)
     wave, codecs = tones("abcabcjihg"), []
     for name, kind in (("talk.mp3", {}), ("talk.ogg", {}), ("note.dat", dict(format="OGG", subtype="OPUS"))):
         soundfile.write(tmp_path / name, wave, 16000, **kind)
@@ -1113,7 +1113,7 @@ def test_quiet_speech_is_decoded_and_silence_is_said_per_file(tmp_path):
     torch.manual_seed(0)
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
     checkpoint = tmp_path / "m.pt"
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), checkpoint)
+    runs.save_checkpoint(model_checkpoint(model), checkpoint)
     wave = tones("abcabcjihg")
     soundfile.write(tmp_path / "loud.wav", wave, 16000, subtype="FLOAT")
     soundfile.write(tmp_path / "quiet.wav", wave * 10 ** (-70 / 20), 16000, subtype="PCM_24")
@@ -1131,8 +1131,8 @@ def test_quiet_speech_is_decoded_and_silence_is_said_per_file(tmp_path):
 
 def random_checkpoint(path):
     torch.manual_seed(0)
-    runs.save_checkpoint(model_checkpoint(CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2)),
-                                          data.VOCAB), path)
+    runs.save_checkpoint(model_checkpoint(CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))),
+                         path)
     return path
 
 
@@ -1174,7 +1174,7 @@ def test_decode_scores_a_librispeech_layout_folder_of_wav_files(tmp_path, capsys
 
 def test_decode_decodes_every_recording_whatever_its_transcript_and_counts_what_it_cannot(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    runs.save_checkpoint(model_checkpoint(model), tmp_path / "m.pt")
     names = ["digits", "empty", "symbols", "good", "odd\tname\nforged"]
     for name in names:
         soundfile.write(tmp_path / f"{name}.wav", tones("abc"), 16000)
@@ -1265,7 +1265,7 @@ def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_pa
 
 def test_decode_timestamps_are_json_lines_in_input_order_for_a_single_file_too(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    runs.save_checkpoint(model_checkpoint(model), tmp_path / "m.pt")
     names = ["long.wav", "short.wav", "mid.wav"]  # not in length order: the output still is in input order
     for name, text in zip(names, ["abcabcabcabc", "ab", "abcab"]):
         soundfile.write(tmp_path / name, tones(text), 16000)
@@ -1300,7 +1300,7 @@ def test_silence_and_near_silence_decode_to_nothing_greedy_or_beam(tmp_path):
 
 def test_decode_interrupted_or_cut_off_by_head_ends_without_a_traceback(tmp_path):
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "m.pt")
+    runs.save_checkpoint(model_checkpoint(model), tmp_path / "m.pt")
     soundfile.write(tmp_path / "a.wav", tones("abc"), 16000)
     (tmp_path / "many.tsv").write_text("a.wav\tabc\n" * 3000)
     command = [sys.executable, "decode.py", tmp_path / "m.pt", tmp_path / "many.tsv", "--batch-seconds", "3"]
@@ -1363,10 +1363,11 @@ def test_a_bad_lm_or_lexicon_is_named_before_any_audio_is_decoded(tmp_path, caps
              ("--lm", "binary.lm", "pass the words it may output with --lexicon"),
              ("--lexicon", "missing.txt", "No such file"), ("--lexicon", "empty.txt", "holds no words"),
              ("--lexicon", "digits.txt", "holds no words")]
+    checkpoint = random_checkpoint(tmp_path / "m.pt")  # the LM is spelled in its alphabet
     for flag, name, problem in cases:
-        # The checkpoint and audio do not exist: the LM and lexicon are checked before either is read.
+        # The audio does not exist: the LM and lexicon are checked before it is read.
         with pytest.raises(SystemExit) as failed:
-            decode.main([str(tmp_path / "missing.pt"), "missing.flac", flag, str(tmp_path / name)])
+            decode.main([str(checkpoint), "missing.flac", flag, str(tmp_path / name)])
         assert str(tmp_path / name) in str(failed.value) and problem in str(failed.value), name
     with pytest.raises(SystemExit):
         decode.main([str(tmp_path / "missing.pt"), "x.flac", "--lm-weight", "2"])  # beam flags need --lm

@@ -549,7 +549,7 @@ def test_ablation_refuses_bad_outs_and_typos_and_stores_no_interrupted_row(tmp_p
 
 def test_decode_names_an_ablation_rows_checkpoint_and_how_to_load_it(tmp_path):
     model, _ = ablation.build("b-softmax")
-    runs.save_checkpoint(model_checkpoint(model, data.VOCAB), tmp_path / "row.pt")
+    runs.save_checkpoint(model_checkpoint(model), tmp_path / "row.pt")
     with pytest.raises(InputError) as row:
         runs.build_from_checkpoint(tmp_path / "row.pt")
     assert "ablation.py row" in str(row.value) and "ablation.build(<row>)[0]" in str(row.value)

@@ -5,6 +5,7 @@ overrides.
     python train.py @recipes/an4.args --data AN4/train --dev AN4/dev        # a CPU, minutes
     python train.py --data LibriSpeech/train-clean-100 --dev LibriSpeech/dev-clean   # one GPU
     python train.py --resume runs/<run>/last.pt             # continue a stopped run exactly
+    python train.py @recipes/an4.args --init-from runs/<run>/best.pt --alphabet auto --data ... --dev ...
     torchrun --standalone --nproc_per_node=4 train.py --data ... --dev ...   # DistributedDataParallel
 
 This file is the flags and the training loop; runs.py keeps the run folder (checkpoints, the lock,
@@ -39,7 +40,7 @@ import data
 import runs
 from data import InputError
 from health import LogInterval, diagnose, gradient_norms_by_block
-from model import BLANK, FRAMES_PER_SECOND, CTCModel, ModelConfig, greedy_decode
+from model import BLANK, ENGLISH, FRAMES_PER_SECOND, CTCModel, ModelConfig, greedy_decode
 
 MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has diverged
 # Flags that change where and how often, not what, a run computes: --resume may change them. --data and
@@ -119,6 +120,8 @@ def build_parser():
     g.add_argument("--dropout", type=in_range(float, 0, 1), default=m.dropout)
     g.add_argument("--norm-range-db", type=in_range(float, 0), default=m.norm_range_db, help="normalize "
                    "features by the frames within this many dB of each utterance's loudest (0: every frame)")
+    g.add_argument("--alphabet", type=alphabet_flag, default="english", help="the symbols it writes besides space: english "
+                   "(a-z and '), a file (UTF-8, one a line) or auto (the training transcripts' letters)")
     g.add_argument("--speed-perturb", action=argparse.BooleanOptionalAction, default=m.speed_perturb,
                    help="play each training batch at 0.9, 1.0 or 1.1 times its speed")
     g.add_argument("--freq-warp", type=in_range(float, 0, 0.5), default=m.freq_warp,
@@ -139,6 +142,8 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="a new folder (default: runs/<date>-<time>)")
     g.add_argument("--resume", default=None, help="a last.pt to continue from (its run and flags)")
+    g.add_argument("--init-from", default=None, metavar="CKPT", help="start a new run from a checkpoint's "
+                   "model: its shape and (unless --alphabet is given) its alphabet; the rest is this run's")
     g.add_argument("--device", type=runs.device, default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; "
                    "default: on for CUDA and CPUs with AVX512-BF16, off on other CPUs, which only emulate it")
@@ -180,22 +185,63 @@ def model_config(args):
 
 # ------------------------------------------------------------------- before the loop
 def resolve_args(argv, world_size, log):
-    """The run's flags and, with --resume, its checkpoint (runs.resume_args: the flags the run was
-    started with; a typed flag that would change them is refused). Everything a resume will load is
-    checked here, before the run folder is touched."""
+    """(the run's flags, with --resume its checkpoint, with --init-from the checkpoint it starts from).
+    A resume's flags are those the run was started with (runs.resume_args: a typed flag that would change
+    them is refused). Everything a run will load is checked here, before the run folder is touched."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     # Saved absolute, so that a resume from another working directory finds the corpora.
     args.data, args.dev = ([str(Path(p).absolute()) for p in ps or []] or ps for ps in (args.data, args.dev))
-    if not args.resume:
-        if not args.data or not (args.dev or args.overfit):
-            raise InputError("--data and --dev are required (or --resume a run)")
-        args.dev = args.dev or []
-        return args, None
-    args, checkpoint = runs.resume_args(build_parser, argv, args, RESUME_MAY_CHANGE,
-                                        lambda saved: CTCModel(model_config(saved)), world_size)
-    where = f" in {args.run_dir}" if Path(args.run_dir) != Path(args.resume).parent else ""
-    log(f"resuming {args.resume} at step {checkpoint['step']}{where}")
-    return args, checkpoint
+    if args.resume and args.init_from:
+        raise InputError("--init-from starts a new run from a model; --resume continues a run, whose "
+                         "checkpoint holds where it started: give one of them")
+    if args.resume:
+        args, checkpoint = runs.resume_args(build_parser, argv, args, RESUME_MAY_CHANGE,
+                                            lambda saved: CTCModel(model_config(saved)), world_size)
+        where = f" in {args.run_dir}" if Path(args.run_dir) != Path(args.resume).parent else ""
+        log(f"resuming {args.resume} at step {checkpoint['step']}{where}")
+        return args, checkpoint, None
+    if not args.data or not (args.dev or args.overfit):
+        raise InputError("--data and --dev are required (or --resume a run)")
+    args.dev = args.dev or []
+    # Only flags typed on the command line are held against --init-from's model: a recipe's give way.
+    typed = runs.typed_flags(build_parser, [arg for arg in argv if not arg.startswith("@")])
+    start = runs.init_args(args, typed, log) if args.init_from else None
+    if start and "alphabet" not in runs.typed_flags(build_parser, argv):
+        args.alphabet = start["model_config"].get("alphabet", ENGLISH)
+    elif args.alphabet is None:
+        args.alphabet = auto_alphabet(args.data, log)
+    if start:
+        args.init_from = str(Path(args.init_from).absolute())
+    return args, None, start
+
+
+def alphabet_flag(text):
+    """--alphabet: english -> English's symbols, FILE -> its symbols (data.read_alphabet), auto -> None:
+    the training transcripts' letters, once the flags are resolved (auto_alphabet)."""
+    if text == "english":
+        return ENGLISH
+    if text == "auto":
+        return None
+    try:
+        return data.read_alphabet(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def auto_alphabet(train_paths, log):
+    """The letters of the training transcripts, logged with their counts; a rare one is named, since a
+    typo in a transcript makes one."""
+    counts, example = data.count_symbols(train_paths)
+    if not counts:
+        raise InputError(f"--alphabet auto: no letters in the transcripts of {' '.join(train_paths)}")
+    log(f"alphabet: {len(counts)} symbols in the training transcripts: "
+        + " ".join(f"{symbol}:{count}" for symbol, count in sorted(counts.items())))
+    rare = [symbol for symbol, count in sorted(counts.items()) if count < max(5, counts.total() / 100_000)]
+    if rare:
+        log("alphabet: rare, so hard to learn (a typo in a transcript?): "
+            + ", ".join(f"{symbol!r} (in {example[symbol]})" for symbol in rare))
+    return "".join(sorted(counts))
 
 
 def setup_device(args, world_size, cleanup):
@@ -225,12 +271,14 @@ def cpu_has_bf16():
 def read_data(args, model, log):
     """(training utterances, dev utterances); InputError naming the data if it is unusable."""
     try:
-        train_set = data.read_corpus(args.data, log, runs.cache_dir())
+        train_set = data.read_corpus(args.data, log, runs.cache_dir(), args.alphabet)
         train_set = data.filter_trainable(train_set, args.max_seconds, model.output_lengths, log)
         train_set = train_set[:args.overfit] if args.overfit else train_set
         if not train_set:
             raise InputError(f"no trainable utterances left in {' '.join(args.data)} (see the counts above)")
-        return train_set, train_set if args.overfit else data.read_corpus(args.dev, log, runs.cache_dir())
+        if args.overfit:
+            return train_set, train_set
+        return train_set, data.read_corpus(args.dev, log, runs.cache_dir(), args.alphabet)
     except InputError as e:
         raise runs.moved_corpus_error(e, args) from None
 
@@ -248,13 +296,15 @@ def build_loaders(args, train_set, dev_set, ranks, log):
             f"are left out of it")
     pin_memory = ranks.device.type == "cuda"
     dev_batches = data.BucketBatches([u["seconds"] for u in dev_set], args.batch_seconds, shuffle=False)
-    dev_loader = data.batch_loader(dev_set, dev_batches, args.workers, pin_memory, runs.ignore_signals)
+    dev_loader = data.batch_loader(dev_set, dev_batches, args.workers, pin_memory, runs.ignore_signals,
+                                   args.alphabet)
     if ranks.main:  # the rank that evaluates
         # Start the dev workers now, while this process is small: forked later from a process holding
         # the training's memory, they slowed the next steps (copy on write), 10 s on AN4 (RESULTS.md).
         with runs.signals_held():  # a Ctrl-C now ends the start cleanly, after the workers are up
             iter(dev_loader)
-    train_loader = data.batch_loader(train_set, sampler, args.workers, pin_memory, runs.ignore_signals)
+    train_loader = data.batch_loader(train_set, sampler, args.workers, pin_memory, runs.ignore_signals,
+                                     args.alphabet)
     return train_loader, sampler, dev_loader
 
 
@@ -278,7 +328,7 @@ def train(argv=None, model=None):
     Raises InputError, naming the flag, file or checkpoint, before anything is written where it can."""
     rank, world_size = launched()
     log = (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
-    args, checkpoint = resolve_args(argv, world_size, log)
+    args, checkpoint, start = resolve_args(argv, world_size, log)
     if args.overfit:  # the health check: nothing may stand between the model and its training set
         args.freq_warp, args.freq_masks, args.time_masks, args.dropout = 0.0, 0, 0, 0.0
         args.speed_perturb, args.ema_decay = False, 0.0  # and it scores the trained weights themselves
@@ -293,8 +343,14 @@ def train(argv=None, model=None):
                 f"@recipes/mini-librispeech.args")
         torch.manual_seed(args.seed)
         model = (model or CTCModel(model_config(args))).to(device)
+        if start:  # before the moving average copies the model
+            fresh = runs.load_matching(model, start)
+            log(f"init: {len(model.state_dict()) - len(fresh)} tensors from {args.init_from}; "
+                f"initialized afresh: {', '.join(fresh) or 'none'}")
         train_set, dev_set = read_data(args, model, log)
+        origin = checkpoint.get("started_from") if checkpoint else runs.started_from(args, start)
         identity = {"run_id": checkpoint["run_id"] if here else runs.new_run_id(),  # a branch is a new run
+                    "started_from": origin,
                     "train_set": runs.corpus_id(train_set), "dev_set": runs.corpus_id(dev_set)}
         if checkpoint:
             runs.check_same_data(checkpoint, args.resume, identity)
@@ -536,7 +592,7 @@ def greedy_corpus(model, batches, device, bf16=False):
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for batch in filter(None, batches):
             log_probs, out_lengths = model(batch["waves"].to(device), batch["wave_lengths"])
-            hyps += greedy_decode(log_probs, out_lengths)
+            hyps += greedy_decode(log_probs, out_lengths, model.vocab)
             refs += batch["texts"]
     model.train(training)
     return refs, hyps
