@@ -248,6 +248,39 @@ def read_or_empty(path):
 
 
 
+# Another alphabet for the same tones: letters with accents and strokes, Turkish's dotless i, German's ß.
+FOREIGN = dict(zip(LETTERS, "àđếñßıéäöü"))
+
+
+def foreign_corpus(folder, n, seed):
+    """A manifest of n tone-burst recordings whose transcripts spell the tones in FOREIGN; returns it."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        text = random_text(rng)
+        soundfile.write(folder / f"{i:04d}.flac", tones(text), data.SAMPLE_RATE)
+        lines.append(f"{i:04d}.flac\t{''.join(FOREIGN[c] for c in text)}\n")
+    (folder / "list.tsv").write_text("".join(lines), encoding="utf-8")
+    return folder / "list.tsv"
+
+
+@pytest.fixture(scope="session")
+def foreign_run(tmp_path_factory):
+    """A small model trained once, in --alphabet auto, on tone bursts spelled in FOREIGN: (its
+    best.pt, a test manifest)."""
+    root = tmp_path_factory.mktemp("foreign_run")
+    train_list, dev_list = foreign_corpus(root / "train", 150, 0), foreign_corpus(root / "dev", 10, 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        train.train(["--data", str(train_list), "--dev", str(dev_list), "--run-dir", str(root / "run"),
+                     "--alphabet", "auto", "--rnn-layers", "2", "--rnn-hidden", "64", "--conv-channels", "8",
+                     "--workers", "0", "--freq-warp", "0", "--freq-masks", "0", "--time-masks", "0",
+                     "--batch-seconds", "6", "--epochs", "5", "--lr", "5e-3", "--warmup-steps", "20",
+                     "--eval-every", "1000", "--log-every", "25", "--ema-decay", "0"])
+    return root / "run/best.pt", foreign_corpus(root / "test", 12, 2)
+
+
 @pytest.fixture(scope="session")
 def trained_once(tmp_path_factory):
     """One tiny run, trained once for the tests that only need some checkpoint: a corpus (train, dev)

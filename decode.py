@@ -237,10 +237,12 @@ def resolve_inputs(paths, alphabet):
 
 
 @torch.no_grad()
-def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=greedy_spans, bf16=False):
+def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=None, bf16=False):
     """[(text, words with times)] for a list of 1-D waveforms, batched by length; spans(log_probs,
-    out_lengths) reads a batch's model output. A recording cut into chunks keeps its times from
-    its own start."""
+    out_lengths) reads a batch's model output (default: greedy, in the model's symbols). A recording
+    cut into chunks keeps its times from its own start."""
+    if spans is None:
+        spans = functools.partial(greedy_spans, vocab=model.vocab)
     seconds_per_frame = model.config.time_stride / FRAMES_PER_SECOND
     pieces = []  # (recording, its first sample, samples)
     for i, wave in enumerate(waves):
@@ -272,15 +274,15 @@ class Inputs(torch.utils.data.Dataset):
     array: it comes back through the pipe, where a tensor would come through a shared-memory handle
     whose hand-over a Ctrl-C can cut (a traceback from multiprocessing's resource sharer)."""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, paths, pause_seconds=0.0):
+        self.paths, self.pause = paths, torch.zeros(round(pause_seconds * SAMPLE_RATE))
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         wave, problem = data.load_usable_audio(self.paths[i])
-        return i, None if wave is None else wave.numpy(), problem
+        return i, None if wave is None else torch.cat([self.pause, wave, self.pause]).numpy(), problem
 
 
 def decode_in_order(model, paths, seconds, device, args, spans, progress):
@@ -297,7 +299,7 @@ def decode_in_order(model, paths, seconds, device, args, spans, progress):
         window = data.BucketBatches(seconds[start:end], args.batch_seconds, shuffle=False).batches
         batches += [[start + i for i in batch] for batch in window]
         start = end
-    loader = torch.utils.data.DataLoader(Inputs(paths), batch_sampler=batches, collate_fn=list,
+    loader = torch.utils.data.DataLoader(Inputs(paths, args.pause), batch_sampler=batches, collate_fn=list,
                                          num_workers=args.workers, worker_init_fn=runs.ignore_signals)
     done, next_index = {}, 0
     try:
@@ -336,6 +338,9 @@ def build_parser():
                              "1.4x faster but moved AN4 test WER by 0.4 points: RESULTS.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr (it is never on "
                         "stdout)")
+    parser.add_argument("--pause", type=runs.in_range(float, 0, 60), default=0.0, metavar="SECONDS",
+                        help="add this much digital silence before and after each recording: a check that a "
+                             "pause leaves the words (word times then count from the pause's start)")
     parser.add_argument("--timestamps", action="store_true",
                         help='JSON lines: {"id", "text", "words": [{"word", "start", "end"}]}, seconds')
     beam = parser.add_argument_group("beam search (with --lm or --lexicon; the default is greedy)")
@@ -353,7 +358,7 @@ def decode_inputs(args):
     """Decode as the parsed command line says, printing each transcript as it is ready. Raises
     InputError for a bad checkpoint, LM or lexicon (before any audio), or when nothing was decoded."""
     model, _ = runs.build_from_checkpoint(args.checkpoint)
-    spans = functools.partial(greedy_spans, vocab=model.vocab)
+    spans = None  # greedy
     if args.lm or args.lexicon:
         settings = {name: BEAM_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
                     for name in BEAM_DEFAULTS}

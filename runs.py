@@ -262,7 +262,8 @@ def save_checkpoint(checkpoint, path):
 
 def load_checkpoint(path, keys=MODEL_KEYS, name=None):
     """A checkpoint train.py wrote, holding these keys, or InputError naming it as name (default: its
-    path). One written before models had alphabets (its config has a vocab_size) is read as English's."""
+    path). One written before models had alphabets (its config has a vocab_size) is read as English's,
+    one written before norm_range_db as 0."""
     path = Path(path)
     name = name or str(path)
     try:
@@ -287,6 +288,7 @@ def load_checkpoint(path, keys=MODEL_KEYS, name=None):
     config = checkpoint.get("model_config", {})
     if config.pop("vocab_size", None) is not None:
         config["alphabet"] = ENGLISH
+    config.setdefault("norm_range_db", 0.0)  # written before it existed: statistics over every frame
     symbols = vocabulary(config.get("alphabet", ENGLISH))
     if "vocab" in checkpoint and checkpoint["vocab"] != symbols:
         raise InputError(f"{name}: its vocabulary {''.join(checkpoint['vocab'])!r} is not its model's "

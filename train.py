@@ -120,8 +120,8 @@ def build_parser():
     g.add_argument("--dropout", type=in_range(float, 0, 1), default=m.dropout)
     g.add_argument("--norm-range-db", type=in_range(float, 0), default=m.norm_range_db, help="normalize "
                    "features by the frames within this many dB of each utterance's loudest (0: every frame)")
-    g.add_argument("--alphabet", type=alphabet_flag, default="english", help="the symbols it writes besides space: english "
-                   "(a-z and '), a file (UTF-8, one a line) or auto (the training transcripts' letters)")
+    g.add_argument("--alphabet", type=alphabet_flag, default="english", help="the symbols it writes besides "
+                   "space: english (a-z, '), a file (UTF-8, one a line) or auto (the training transcripts')")
     g.add_argument("--speed-perturb", action=argparse.BooleanOptionalAction, default=m.speed_perturb,
                    help="play each training batch at 0.9, 1.0 or 1.1 times its speed")
     g.add_argument("--freq-warp", type=in_range(float, 0, 0.5), default=m.freq_warp,
