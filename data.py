@@ -117,10 +117,10 @@ def read_alphabet(path):
     return "".join(symbols)
 
 
-def count_symbols(paths):
-    """(Counter of each character the transcripts of these corpora would be labelled with, {character:
-    an utterance id that holds it}): letters, marks and the apostrophe, lowercased in NFC. What
-    --alphabet auto is made of; digits are not (spell numbers out), nor punctuation."""
+def alphabet_of(paths, log=print):
+    """--alphabet auto: the characters the transcripts of these corpora would be labelled with (letters,
+    marks and the apostrophe, lowercased, in NFC; not digits, which are to be spelled out, nor
+    punctuation), logged with their counts; rare ones are named, since a typo in a transcript makes one."""
     lines = []
     for path in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
         if not path.exists():
@@ -135,7 +135,15 @@ def count_symbols(paths):
             if c == "'" or unicodedata.category(c)[0] in "LM":
                 counts[c] += 1
                 example.setdefault(c, utt_id)
-    return counts, example
+    if not counts:
+        raise InputError(f"--alphabet auto: no letters in the transcripts of {' '.join(map(str, paths))}")
+    log(f"alphabet: {len(counts)} symbols in the training transcripts: "
+        + " ".join(f"{symbol}:{count}" for symbol, count in sorted(counts.items())))
+    rare = [symbol for symbol, count in sorted(counts.items()) if count < max(5, counts.total() / 100_000)]
+    if rare:
+        log("alphabet: rare, so hard to learn (a typo in a transcript?): "
+            + ", ".join(f"{symbol!r} (in {example[symbol]})" for symbol in rare))
+    return "".join(sorted(counts))
 
 
 # ---------------------------------------------------------------------------------- corpus

@@ -210,7 +210,7 @@ def resolve_args(argv, world_size, log):
     if start and "alphabet" not in runs.typed_flags(build_parser, argv):
         args.alphabet = start["model_config"].get("alphabet", ENGLISH)
     elif args.alphabet is None:
-        args.alphabet = auto_alphabet(args.data, log)
+        args.alphabet = data.alphabet_of(args.data, log)
     if start:
         args.init_from = str(Path(args.init_from).absolute())
     return args, None, start
@@ -218,7 +218,7 @@ def resolve_args(argv, world_size, log):
 
 def alphabet_flag(text):
     """--alphabet: english -> English's symbols, FILE -> its symbols (data.read_alphabet), auto -> None:
-    the training transcripts' letters, once the flags are resolved (auto_alphabet)."""
+    the training transcripts' letters, once the flags are resolved (data.alphabet_of)."""
     if text == "english":
         return ENGLISH
     if text == "auto":
@@ -227,21 +227,6 @@ def alphabet_flag(text):
         return data.read_alphabet(text)
     except InputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def auto_alphabet(train_paths, log):
-    """The letters of the training transcripts, logged with their counts; a rare one is named, since a
-    typo in a transcript makes one."""
-    counts, example = data.count_symbols(train_paths)
-    if not counts:
-        raise InputError(f"--alphabet auto: no letters in the transcripts of {' '.join(train_paths)}")
-    log(f"alphabet: {len(counts)} symbols in the training transcripts: "
-        + " ".join(f"{symbol}:{count}" for symbol, count in sorted(counts.items())))
-    rare = [symbol for symbol, count in sorted(counts.items()) if count < max(5, counts.total() / 100_000)]
-    if rare:
-        log("alphabet: rare, so hard to learn (a typo in a transcript?): "
-            + ", ".join(f"{symbol!r} (in {example[symbol]})" for symbol in rare))
-    return "".join(sorted(counts))
 
 
 def setup_device(args, world_size, cleanup):
