@@ -69,16 +69,21 @@ def normalize(text, alphabet=ENGLISH):
         kept = "".join(c if c in CHAR_TO_ID else " " if c.isspace() else "" for c in text)
         dropped = sum(1 for c in text if c not in CHAR_TO_ID and not c.isspace())
         return " ".join(kept.split()).strip(" "), dropped
-    if "ı" in alphabet:
-        text = text.replace("I", "ı").replace("İ", "i")
     symbols, kept, dropped = set(alphabet), [], 0
-    for c in unicodedata.normalize("NFC", text.lower().translate(SEPARATORS)):
+    for c in lowercase(text, turkish="ı" in alphabet):
         plain = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
         spelling = next((s for s in (c, plain, c.casefold()) if s and set(s) <= symbols), None)
         if spelling is None and not c.isspace() and not unicodedata.combining(c):
             dropped += 1  # a mark with no letter of the alphabet to sit on goes with its letter
         kept.append(spelling or (" " if c.isspace() else ""))
     return " ".join("".join(kept).split()), dropped
+
+
+def lowercase(text, turkish):
+    """Lowercased in Unicode NFC, separators as spaces; turkish: I is ı, İ is i."""
+    if turkish:
+        text = text.replace("I", "ı").replace("İ", "i")
+    return unicodedata.normalize("NFC", text.lower().translate(SEPARATORS))
 
 
 def encode(text, alphabet=ENGLISH):
@@ -130,8 +135,7 @@ def alphabet_of(paths, log=print):
     turkish = any("ı" in raw for _, raw in lines)  # then I is ı, as normalize() reads it
     counts, example = collections.Counter(), {}
     for utt_id, raw in lines:
-        raw = raw.replace("I", "ı").replace("İ", "i") if turkish else raw
-        for c in unicodedata.normalize("NFC", raw.lower().translate(SEPARATORS)):
+        for c in lowercase(raw, turkish):
             if c == "'" or unicodedata.category(c)[0] in "LM":
                 counts[c] += 1
                 example.setdefault(c, utt_id)
