@@ -251,7 +251,7 @@ def model_alphabet(name):
         if name == "english":
             return ENGLISH
         if name.endswith(".pt"):
-            return load_checkpoint(name)["model_config"].get("alphabet", ENGLISH)
+            return load_checkpoint(name)["model_config"]["alphabet"]
         return read_alphabet(name)
     except InputError as e:
         raise DownloadError(f"--alphabet {e}") from None

@@ -286,10 +286,10 @@ def load_checkpoint(path, keys=MODEL_KEYS, name=None):
         raise InputError(f"{name}: not a readable train.py checkpoint ({type(e).__name__}: "
                          f"{reason})") from None
     config = checkpoint.get("model_config", {})
-    if config.pop("vocab_size", None) is not None:
-        config["alphabet"] = ENGLISH
+    config.pop("vocab_size", None)  # before alphabets: English's, as its vocab (checked below) says
+    config.setdefault("alphabet", ENGLISH)
     config.setdefault("norm_range_db", 0.0)  # written before it existed: statistics over every frame
-    symbols = vocabulary(config.get("alphabet", ENGLISH))
+    symbols = vocabulary(config["alphabet"])
     if "vocab" in checkpoint and checkpoint["vocab"] != symbols:
         raise InputError(f"{name}: its vocabulary {''.join(checkpoint['vocab'])!r} is not its model's "
                          f"{''.join(symbols)!r}; use the code that wrote it")
@@ -332,7 +332,7 @@ def init_args(args, typed, log):
     path = args.init_from
     start = build_from_checkpoint(path)[1]
     for name in SHAPE:
-        saved, asked = start["model_config"].get(name, getattr(ModelConfig(), name)), getattr(args, name)
+        saved, asked = start["model_config"][name], getattr(args, name)
         if name in typed and asked != saved:
             raise InputError(f"--init-from {path}: its model has {as_flag(name)} {saved}, and "
                              f"{as_flag(name)} {asked} would be another model; drop the flag, or train "
@@ -347,7 +347,7 @@ def load_matching(model, start):
     """Copy into model every tensor of the checkpoint start whose name and shape match, but not the
     output layer when the alphabets differ (its rows mean other symbols). Returns the names not loaded."""
     own = model.state_dict()
-    same_symbols = start["model_config"].get("alphabet", ENGLISH) == model.config.alphabet
+    same_symbols = start["model_config"]["alphabet"] == model.config.alphabet
     loaded = {name: tensor for name, tensor in start["model"].items() if name in own
               and own[name].shape == tensor.shape and (same_symbols or not name.startswith("output."))}
     model.load_state_dict(loaded, strict=False)

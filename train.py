@@ -208,7 +208,7 @@ def resolve_args(argv, world_size, log):
     typed = runs.typed_flags(build_parser, [arg for arg in argv if not arg.startswith("@")])
     start = runs.init_args(args, typed, log) if args.init_from else None
     if start and "alphabet" not in runs.typed_flags(build_parser, argv):
-        args.alphabet = start["model_config"].get("alphabet", ENGLISH)
+        args.alphabet = start["model_config"]["alphabet"]
     elif args.alphabet is None:
         args.alphabet = data.alphabet_of(args.data, log)
     if start:
