@@ -277,6 +277,16 @@ def test_speech_with_a_dc_offset_or_mains_hum_is_not_called_silent():
     assert data.is_silent(hum) and data.is_silent(torch.full((16000,), 0.005))  # hum or DC alone
 
 
+def test_speech_under_a_steady_high_pitched_noise_is_not_called_silent():
+    """A whine or hiss above the formants, 10 dB below the speech, leaves it speech: a first difference
+    of the samples, which tilts the spectrum 6 dB an octave, raised the whine over the words."""
+    speech = torch.from_numpy(tones("abcabcab"))  # 300-470 Hz, as voiced speech's strongest harmonics
+    speech = speech / speech.square().mean().sqrt() * 10 ** (-26 / 20)
+    whine = torch.sin(2 * math.pi * 6000 * torch.arange(len(speech)) / 16000)
+    whine = whine * speech.square().mean().sqrt() * 10 ** (-10 / 20) * 2 ** 0.5
+    assert not data.is_silent(speech + whine) and data.is_silent(whine)
+
+
 def test_data_py_docstring_shows_every_step_a_copier_needs():
     """Followed as written, the example must reshuffle each epoch and drop what CTC cannot align."""
     assert "set_epoch(epoch)" in data.__doc__ and "filter_trainable(" in data.__doc__
