@@ -324,7 +324,7 @@ def decode_in_order(model, paths, seconds, device, args, spans, progress):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="best.pt or last.pt written by train.py")
+    parser.add_argument("checkpoint", type=runs.named_path, help="best.pt or last.pt written by train.py")
     parser.add_argument("inputs", nargs="+", help="audio files, directories or TSV manifests")
     finite = runs.in_range(float, -math.inf, low_open=True)
     parser.add_argument("--device", type=runs.device, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -56,7 +56,9 @@ class ModelConfig:
     rnn_layers: int = 5
     rnn_hidden: int = 512            # per direction
     dropout: float = 0.1
-    norm_range_db: float = 40.0      # normalize by frames within this of the loudest (0: every frame)
+    norm_range_db: float = 40.0      # normalize by frames within this of the reference (0: every frame)
+    reference_ms: int = 100          # the reference: the level the loudest this long reach (10: one frame)
+    floor_db: float = 80.0           # each mel bin's floor, this far below the reference (0: 1e-6)
     speed_perturb: bool = False      # play each training batch at one of SPEEDS
     freq_warp: float = 0.1           # VTLP: each frequency region scaled by a factor in 1 +- this
     freq_masks: int = 2              # SpecAugment (LibriSpeech "LD" policy, Park et al. 2019)
@@ -162,25 +164,40 @@ class CTCModel(nn.Module):
 
     def features(self, waves, wave_lengths):
         """Log-mel, normalized per utterance and per bin over real frames only: (B, T, n_mels). The mean
-        and variance come from the frames within norm_range_db of the loudest, which are the words:
+        and variance come from the frames within norm_range_db of the reference level, which are the words:
         taken over every frame (0), a pause of room tone or digital silence around the words moves the
         statistics that the words are scaled by, and 1 s of it on each side of AN4's test utterances
         took a model from 11 to 29% WER. 40 dB keeps a quiet recorder's floor (-80 dBFS) out and the
-        quiet consonants in; over the floor of a noisy room the pause is within it (RESULTS.md)."""
+        quiet consonants in; over the floor of a noisy room the pause is within it (RESULTS.md).
+        The reference is the level that the loudest reference_ms of the audio reach, not its loudest
+        frame: a click or a knock would otherwise leave only itself counted. Each bin's floor (the log of
+        zero is -inf) lies floor_db below the reference, as Whisper's clamp does, so that the features of
+        x and of 0.003 x are equal: an absolute floor flattened a quiet microphone's quieter bands."""
+        lengths = frame_lengths(wave_lengths).clamp(min=0).to(waves.device, non_blocking=True)
         with torch.autocast(waves.device.type, enabled=False):  # log of small energies needs fp32
-            power = self.mel(waves.float())
-            x = torch.log(power + 1e-6).transpose(1, 2)
-        lengths = frame_lengths(wave_lengths).clamp(min=0).to(x.device, non_blocking=True)
-        real = lengths_mask(lengths, x.shape[1])[:, :, None]
+            power = self.mel(waves.float())                   # (B, n_mels, T)
+            real = lengths_mask(lengths, power.shape[2])
+            level = 10 * torch.log10(power.sum(1).clamp(min=1e-30))  # (B, T) dB
+            reference = self.reference_level(level, real)     # (B, 1) dB
+            floor = 1e-6
+            if self.config.floor_db:
+                floor = 10 ** ((reference[:, :, None] - self.config.floor_db) / 10)
+            x = torch.log(power + floor).transpose(1, 2)
         counted = real
         if self.config.norm_range_db:
-            level = 10 * torch.log10(power.sum(1) + 1e-10)  # (B, T) dB
-            loudest = level.masked_fill(~real[:, :, 0], -torch.inf).amax(1, keepdim=True)
-            counted = real & (level >= loudest - self.config.norm_range_db)[:, :, None]
+            counted = real & (level >= reference - self.config.norm_range_db)
+        counted = counted[:, :, None]
         count = counted.sum(1, keepdim=True).clamp(min=1)
         mean = (x * counted).sum(1, keepdim=True) / count
         var = (((x - mean) * counted) ** 2).sum(1, keepdim=True) / count
-        return ((x - mean) / (var + 1e-5).sqrt()) * real, lengths
+        return ((x - mean) / (var + 1e-5).sqrt()) * real[:, :, None], lengths
+
+    def reference_level(self, level, real):
+        """(B, 1) dB: the level that the loudest reference_ms of each utterance's frames reach, together:
+        the k-th loudest real frame (all of them, if fewer)."""
+        loudest_first = level.masked_fill(~real, -torch.inf).sort(1, descending=True).values
+        k = (real.sum(1, keepdim=True).clamp(max=self.config.reference_ms // 10) - 1).clamp(min=0)
+        return loudest_first.gather(1, k).clamp(min=-300)
 
     def warp_frequencies(self, x, factor):
         """Vocal tract length perturbation (Jaitly & Hinton 2013), per frequency region: read

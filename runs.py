@@ -26,6 +26,7 @@ import shlex
 import signal
 import socket
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +39,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a folder holding any of these holds a run
 MODEL_KEYS = ("model_config", "model", "vocab")       # what rebuilds the model
 # The model flags that --init-from takes from its checkpoint: the weights' shapes and what they read.
-SHAPE = ("n_mels", "time_stride", "conv_channels", "rnn_layers", "rnn_hidden", "norm_range_db")
+SHAPE = ("n_mels", "time_stride", "conv_channels", "rnn_layers", "rnn_hidden", "norm_range_db",
+         "reference_ms", "floor_db")
 RESUME_KEYS = MODEL_KEYS + ("train_config", "optimizer", "step", "epoch", "batch_in_epoch", "best_wer",
                             "best_cer", "rng_cpu", "rng_cuda", "world_size", "run_id", "train_set", "dev_set")
 
@@ -90,6 +92,13 @@ def in_range(kind, low, high=math.inf, low_open=False):
             raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
         return value
     return parse
+
+
+def named_path(text):
+    """An argparse type: a path that is not empty, as an unset shell variable ($CKPT) would leave it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?); name a file or folder")
+    return text
 
 
 def device(text):
@@ -263,9 +272,13 @@ def save_checkpoint(checkpoint, path):
 def load_checkpoint(path, keys=MODEL_KEYS, name=None):
     """A checkpoint train.py wrote, holding these keys, or InputError naming it as name (default: its
     path). One written before models had alphabets (its config has a vocab_size) is read as English's,
-    one written before norm_range_db as 0."""
+    one written before norm_range_db as 0, before reference_ms and floor_db as one frame and 1e-6."""
     path = Path(path)
     name = name or str(path)
+    if path.is_dir():
+        raise InputError(f"{name}: a folder; name a checkpoint in it (best.pt, or last.pt)")
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save's format; a pickle would warn first
+        raise InputError(f"{name}: not a PyTorch checkpoint (train.py writes best.pt and last.pt); name one")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         missing = [key for key in keys if key not in checkpoint]
@@ -282,18 +295,27 @@ def load_checkpoint(path, keys=MODEL_KEYS, name=None):
         raise InputError(f"{name}: not a checkpoint written by train.py (it holds more than tensors and "
                          f"plain types, or is not a PyTorch file)") from None
     except Exception as e:  # a truncated or foreign file fails in many ways
-        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = one_line(e)
         raise InputError(f"{name}: not a readable train.py checkpoint ({type(e).__name__}: "
                          f"{reason})") from None
     config = checkpoint.get("model_config", {})
     config.pop("vocab_size", None)  # before alphabets: English's, as its vocab (checked below) says
     config.setdefault("alphabet", ENGLISH)
     config.setdefault("norm_range_db", 0.0)  # written before it existed: statistics over every frame
+    config.setdefault("reference_ms", 10)    # and before these: the loudest frame, an absolute floor
+    config.setdefault("floor_db", 0.0)
     symbols = vocabulary(config["alphabet"])
     if "vocab" in checkpoint and checkpoint["vocab"] != symbols:
         raise InputError(f"{name}: its vocabulary {''.join(checkpoint['vocab'])!r} is not its model's "
                          f"{''.join(symbols)!r}; use the code that wrote it")
     return checkpoint
+
+
+def one_line(error, limit=300):
+    """An exception's message on one line, cut at limit: load_state_dict's names the tensors on the lines
+    after its first."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def build_from_checkpoint(path):
@@ -308,7 +330,7 @@ def build_from_checkpoint(path):
         model = CTCModel(ModelConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise InputError(f"{path}: its model does not fit this code's ({str(e).strip().splitlines()[0]}); "
+        raise InputError(f"{path}: its model does not fit this code's ({one_line(e)}); "
                          f"use the code that wrote it") from None
     return model, checkpoint
 
@@ -326,10 +348,13 @@ def typed_flags(build_parser, argv):
 
 
 def init_args(args, typed, log):
-    """--init-from: the checkpoint whose model starts a new run (build_from_checkpoint's checks). Its
+    """--init-from: the checkpoint whose model starts a new run (build_from_checkpoint's checks); a run
+    folder's best.pt. Its
     model's shape (SHAPE) becomes the run's: a shape flag typed (typed: their names) with another value
     is refused; a recipe's gives way."""
-    path = args.init_from
+    path = Path(args.init_from)
+    path = path / "best.pt" if path.is_dir() else path  # a run folder: its best model
+    args.init_from = str(path.absolute())
     start = build_from_checkpoint(path)[1]
     for name in SHAPE:
         saved, asked = start["model_config"][name], getattr(args, name)
@@ -413,7 +438,7 @@ def check_resumable(checkpoint, path, model, run_dir, world_size):
         torch.optim.AdamW(model.parameters()).load_state_dict(checkpoint["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise InputError(f"--resume {path}: its weights or optimizer state do not fit this code's model "
-                         f"({str(e).strip().splitlines()[0]}); use the code that wrote it, or start a "
+                         f"({one_line(e)}); use the code that wrote it, or start a "
                          f"new run") from None
     saved_size, epochs = checkpoint["world_size"], checkpoint["train_config"]["epochs"]
     if world_size != saved_size:  # the steps per epoch, the schedule and the batch order would change

@@ -931,17 +931,33 @@ def test_init_from_refuses_what_would_not_start_from_that_model(tmp_path, traine
     ablation_row = model_checkpoint(CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=32, conv_channels=4)))
     ablation_row["model_config"]["features"] = "log"
     runs.save_checkpoint(ablation_row, tmp_path / "row.pt")
+    lacking = model_checkpoint(CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=32, conv_channels=4)))
+    del lacking["model"]["output.weight"]
+    runs.save_checkpoint(lacking, tmp_path / "lacking.pt")
     flags = train_flags(trained_once / "train", trained_once / "dev", tmp_path / "run")
     cases = [(["--init-from", start, "--rnn-hidden", "64"], "its model has --rnn-hidden 32"),
              (["--init-from", start, "--time-stride", "4"], "--time-stride 4 would be another model"),
              (["--init-from", start, "--resume", start], "--resume continues a run"),
-             (["--init-from", tmp_path / "notes.pt"], "not a checkpoint written by train.py"),
-             (["--init-from", tmp_path / "row.pt"], "the checkpoint of an ablation.py row")]
+             (["--init-from", tmp_path / "notes.pt"], "notes.pt: not a PyTorch checkpoint"),
+             (["--init-from", tmp_path / "row.pt"], "the checkpoint of an ablation.py row"),
+             (["--init-from", tmp_path / "lacking.pt"], 'Missing key(s) in state_dict: "output.weight"'),
+             (["--init-from", tmp_path], f"{tmp_path / 'best.pt'}: no such file")]  # a folder: its best.pt
     for extra, problem in cases:
         with pytest.raises(InputError) as refused:
             train.train(flags + list(map(str, extra)))
         assert problem in str(refused.value), extra
     assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_checkpoint_or_run_folder_flag_is_refused_not_read_as_absent(tmp_path, capsys):
+    """--init-from "$CKPT" with CKPT unset must not train from scratch without a word."""
+    for flag in ("--init-from", "--resume", "--run-dir"):
+        with pytest.raises(SystemExit):
+            train.train(["--data", str(tmp_path), "--dev", str(tmp_path), flag, ""])
+        assert f"{flag}: an empty path (an unset variable?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        decode.main(["", str(tmp_path)])
+    assert "an empty path" in capsys.readouterr().err
 
 
 def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():

@@ -119,7 +119,11 @@ def build_parser():
     g.add_argument("--rnn-hidden", type=positive, default=m.rnn_hidden, help="GRU units per direction")
     g.add_argument("--dropout", type=in_range(float, 0, 1), default=m.dropout)
     g.add_argument("--norm-range-db", type=in_range(float, 0), default=m.norm_range_db, help="normalize "
-                   "features by the frames within this many dB of each utterance's loudest (0: every frame)")
+                   "features by the frames within this many dB of the reference level (0: every frame)")
+    g.add_argument("--reference-ms", type=in_range(int, 10, 1000), default=m.reference_ms, help="the "
+                   "reference level: what each utterance's loudest this long reach (10: its loudest frame)")
+    g.add_argument("--floor-db", type=in_range(float, 0), default=m.floor_db, help="each mel bin's floor, "
+                   "this far below the reference (0: an absolute 1e-6, which quiet recordings' bands sit on)")
     g.add_argument("--alphabet", type=alphabet_flag, default="english", help="the symbols it writes besides "
                    "space: english (a-z, '), a file (UTF-8, one a line) or auto (the training transcripts')")
     g.add_argument("--speed-perturb", action=argparse.BooleanOptionalAction, default=m.speed_perturb,
@@ -140,10 +144,11 @@ def build_parser():
     g.add_argument("--overfit", type=count, default=0, metavar="N", help="health check: train and evaluate "
                    "on N training utterances, no augmentation or dropout: a working pipeline's CER nears 0")
     g = p.add_argument_group("run")
-    g.add_argument("--run-dir", default=None, help="a new folder (default: runs/<date>-<time>)")
-    g.add_argument("--resume", default=None, help="a last.pt to continue from (its run and flags)")
-    g.add_argument("--init-from", default=None, metavar="CKPT", help="start a new run from a checkpoint's "
-                   "model: its shape and (unless --alphabet is given) its alphabet; the rest is this run's")
+    g.add_argument("--run-dir", type=runs.named_path, help="a new folder (default: runs/<date>-<time>)")
+    g.add_argument("--resume", type=runs.named_path, help="a last.pt to continue from (its run and flags)")
+    g.add_argument("--init-from", type=runs.named_path, metavar="CKPT", help="start a new run from a "
+                   "checkpoint's model (a run folder: its best.pt): its shape and (unless --alphabet is "
+                   "given) its alphabet; the rest is this run's")
     g.add_argument("--device", type=runs.device, default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; "
                    "default: on for CUDA and CPUs with AVX512-BF16, off on other CPUs, which only emulate it")
@@ -211,8 +216,6 @@ def resolve_args(argv, world_size, log):
         args.alphabet = start["model_config"]["alphabet"]
     elif args.alphabet is None:
         args.alphabet = data.alphabet_of(args.data, log)
-    if start:
-        args.init_from = str(Path(args.init_from).absolute())
     return args, None, start
 
 
