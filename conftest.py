@@ -276,7 +276,7 @@ def foreign_run(tmp_path_factory):
         train.train(["--data", str(train_list), "--dev", str(dev_list), "--run-dir", str(root / "run"),
                      "--alphabet", "auto", "--rnn-layers", "2", "--rnn-hidden", "64", "--conv-channels", "8",
                      "--workers", "0", "--freq-warp", "0", "--freq-masks", "0", "--time-masks", "0",
-                     "--batch-seconds", "6", "--epochs", "5", "--lr", "5e-3", "--warmup-steps", "20",
+                     "--batch-seconds", "6", "--epochs", "6", "--lr", "5e-3", "--warmup-steps", "20",
                      "--eval-every", "1000", "--log-every", "25", "--ema-decay", "0"])
     return root / "run/best.pt", foreign_corpus(root / "test", 12, 2)
 

@@ -16,6 +16,7 @@ the manifest). Utterances are batched by total padded audio seconds from length-
 buckets; the batch order is reshuffled every epoch from (seed, epoch), so it can be replayed.
 """
 import collections
+import functools
 import hashlib
 import json
 import math
@@ -49,6 +50,7 @@ LAYOUTS = ("a LibriSpeech-layout directory (<speaker>/<chapter>/<speaker>-<chapt
            "beside the .flac files) or a TSV manifest (audio path<TAB>transcript)")
 # Characters that separate words in running text become spaces rather than vanishing.
 SEPARATORS = str.maketrans({"-": " ", "\u2014": " ", "\u2013": " ", "_": " ", "/": " ", "\u2019": "'"})
+TURKISH_LETTERS = frozenset("ıİğĞşŞ")
 
 
 class InputError(Exception):
@@ -58,32 +60,58 @@ class InputError(Exception):
 
 
 def normalize(text, alphabet=ENGLISH):
-    """Lowercase, keep only the alphabet's symbols and single spaces. Returns (text, characters dropped).
-    English strips accents (café -> cafe). Another alphabet keeps them, in Unicode NFC (an é typed as e +
-    accent is the one symbol é); a letter it lacks is written without its accent (é -> e) or as its
-    case folding (ß -> ss) if the alphabet has those; with dotless ı in it, I and İ lowercase the
-    Turkish way (ı, i)."""
+    """Lowercase, keep only the alphabet's symbols and single spaces. Returns (text, characters dropped,
+    characters folded: written without an accent or as their case folding). English strips accents
+    (café -> cafe). Another alphabet keeps them, in Unicode NFC (an é typed as e + accent is the one
+    symbol é); a letter it lacks is written without one of its accents (ệ -> ê), without all (é -> e) or
+    as its case folding (ß -> ss) if the alphabet has those, and a separator it lists (-, /, ...) stays.
+    İ is i; I is ı in a transcript that writes a letter only Turkish has, when the alphabet holds ı."""
     if alphabet == ENGLISH:
-        text = unicodedata.normalize("NFKD", text.lower().translate(SEPARATORS))
-        text = "".join(c for c in text if not unicodedata.combining(c))  # e + accent -> e
+        lowered = unicodedata.normalize("NFC", text.lower().translate(SEPARATORS))
+        text = "".join(c for c in unicodedata.normalize("NFKD", lowered) if not unicodedata.combining(c))
         kept = "".join(c if c in CHAR_TO_ID else " " if c.isspace() else "" for c in text)
         dropped = sum(1 for c in text if c not in CHAR_TO_ID and not c.isspace())
-        return " ".join(kept.split()).strip(" "), dropped
-    symbols, kept, dropped = set(alphabet), [], 0
-    for c in lowercase(text, turkish="ı" in alphabet):
-        plain = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
-        spelling = next((s for s in (c, plain, c.casefold()) if s and set(s) <= symbols), None)
-        if spelling is None and not c.isspace() and not unicodedata.combining(c):
+        folded = sum(1 for c in lowered if c not in CHAR_TO_ID and unicodedata.decomposition(c))  # é -> e
+        return " ".join(kept.split()).strip(" "), dropped, folded
+    symbols, separators = spelling_tables(alphabet)
+    kept, dropped, folded = [], 0, 0
+    for c in lowercase(text, turkish_casing(text, alphabet), separators):
+        spelling = c if c in symbols or c.isspace() else fold(c, symbols)
+        if spelling is None and not unicodedata.combining(c):
             dropped += 1  # a mark with no letter of the alphabet to sit on goes with its letter
-        kept.append(spelling or (" " if c.isspace() else ""))
-    return " ".join("".join(kept).split()), dropped
+        folded += spelling is not None and spelling != c
+        kept.append(" " if c.isspace() else spelling or "")
+    return " ".join("".join(kept).split()), dropped, folded
 
 
-def lowercase(text, turkish):
-    """Lowercased in Unicode NFC, separators as spaces; turkish: I is ı, İ is i."""
+@functools.cache
+def spelling_tables(alphabet):
+    """(the alphabet's symbols as a set, the separators it does not list, for str.translate)."""
+    return frozenset(alphabet), {k: v for k, v in SEPARATORS.items() if chr(k) not in alphabet}
+
+
+def fold(c, symbols):
+    """c in the alphabet's symbols: without one of its accents, without all, or as its case folding; or
+    None."""
+    decomposed = unicodedata.normalize("NFD", c)
+    fewer = [unicodedata.normalize("NFC", decomposed[:i] + decomposed[i + 1:])
+             for i, d in enumerate(decomposed) if unicodedata.combining(d)]
+    plain = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
+    return next((s for s in (*fewer, plain, c.casefold()) if s and set(s) <= symbols), None)
+
+
+def turkish_casing(raw, alphabet=None):
+    """Whether this transcript's I is dotless ı: it writes a letter only Turkish (and Azerbaijani) has, and
+    the alphabet (None: not yet known) holds ı. Decided per transcript: one Turkish line must not
+    change how the rest of a corpus is read."""
+    return (alphabet is None or "ı" in alphabet) and not TURKISH_LETTERS.isdisjoint(raw)
+
+
+def lowercase(text, turkish, separators=SEPARATORS):
+    """Lowercased in Unicode NFC, separators as spaces; İ is i (not i + a combining dot); turkish: I, ı."""
     if turkish:
-        text = text.replace("I", "ı").replace("İ", "i")
-    return unicodedata.normalize("NFC", text.lower().translate(SEPARATORS))
+        text = text.replace("I", "ı")
+    return unicodedata.normalize("NFC", text.replace("İ", "i").lower().translate(separators))
 
 
 def encode(text, alphabet=ENGLISH):
@@ -132,10 +160,10 @@ def alphabet_of(paths, log=print):
             raise InputError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
         lines += [(utt_id, raw) for utt_id, _, raw in transcript_lines(path, skip=lambda reason, what: None)
                   if raw is not None and not any(c.isdigit() for c in raw)]
-    turkish = any("ı" in raw for _, raw in lines)  # then I is ı, as normalize() reads it
-    counts, example = collections.Counter(), {}
+    counts, example, turkish = collections.Counter(), {}, 0
     for utt_id, raw in lines:
-        for c in lowercase(raw, turkish):
+        turkish += turkish_casing(raw)
+        for c in lowercase(raw, turkish_casing(raw)):
             if c == "'" or unicodedata.category(c)[0] in "LM":
                 counts[c] += 1
                 example.setdefault(c, utt_id)
@@ -143,6 +171,8 @@ def alphabet_of(paths, log=print):
         raise InputError(f"--alphabet auto: no letters in the transcripts of {' '.join(map(str, paths))}")
     log(f"alphabet: {len(counts)} symbols in the training transcripts: "
         + " ".join(f"{symbol}:{count}" for symbol, count in sorted(counts.items())))
+    if turkish:
+        log(f"alphabet: {turkish} transcripts write Turkish letters (ı ğ ş): their I is read as ı")
     rare = [symbol for symbol, count in sorted(counts.items()) if count < max(5, counts.total() / 100_000)]
     if rare:
         log("alphabet: rare, so hard to learn (a typo in a transcript?): "
@@ -327,8 +357,10 @@ def read_corpus(paths, log=print, cache_dir=None, alphabet=ENGLISH):
             raise InputError(f"{path}: no transcripts found. Expected {LAYOUTS}.")
         info, usable_before = audio_info([a for _, a, _ in present], cache_dir), len(utterances)
         for utt_id, audio, raw in present:
-            text, dropped = normalize(raw, alphabet)
+            text, dropped, folded = normalize(raw, alphabet)
             stats["characters dropped by normalization"] += dropped
+            stats["characters written without an accent (or case-folded)"] += folded
+            stats["transcripts with Turkish letters, whose I is read as ı"] += turkish_casing(raw, alphabet)
             problem = label_problem(raw, text, alphabet) or header_problem(info[audio])
             if problem:
                 skip(problem, audio)

@@ -108,9 +108,10 @@ def read_lexicon(path):
     return [line.split()[0] for line in lines if line.strip()]
 
 
-def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score, alphabet=ENGLISH):
+def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score, alphabet=ENGLISH, note=print):
     """torchaudio's CTC beam search over the words of the lexicon (default: the LM's words), spelled in
-    the model's alphabet. Every file is read and checked here, before any audio is decoded."""
+    the model's alphabet. Every file is read and checked here, before any audio is decoded; note(message)
+    tells of the words it leaves out and of a lexicon spelled in another alphabet."""
     from torchaudio.models.decoder import ctc_decoder  # needs flashlight-text
     source = lexicon or lm
     lm_words = read_lm_words(lm) if lm else None
@@ -127,15 +128,24 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score, alphabet=EN
                              f"upper case and the other in lower? Use a lexicon written in the LM's spelling")
     # Decoder words stay as the LM writes them ("HELLO" in LibriSpeech's); spelled in the model's symbols.
     spellings = {w: data.normalize(w, alphabet)[0] for w in words}
+    left_out = [w for w, s in spellings.items() if not s or " " in s]
     spellings = {w: s for w, s in spellings.items() if s and " " not in s}
     if not spellings:
         raise InputError(f"{source} holds no words spelled with the model's alphabet ({alphabet})")
+    if left_out:
+        note(f"note: {source}: {len(left_out):,} words are left out, spelled as nothing or as several words "
+             f"in the model's alphabet (e.g. {', '.join(left_out[:3])})")
+    own_letters = {c for c in alphabet if c.isalpha()} - set(ENGLISH)
+    if own_letters and not own_letters & set("".join(spellings.values())):
+        note(f"note: {source} never uses the model's own letters ({' '.join(sorted(own_letters)[:10])}): "
+             f"written for another alphabet? Build it for this model: lm.py build --alphabet CHECKPOINT")
     vocab = vocabulary(alphabet)
     tokens = ["|" if symbol == " " else symbol for symbol in vocab]  # "|": the decoder's word boundary
     with tempfile.TemporaryDirectory() as folder:
         lexicon_file = Path(folder) / "lexicon.txt"
         # A word ends at the boundary token "|", as the decoder's lexicons spell it.
-        lexicon_file.write_text("".join(f"{w}\t{' '.join(s)} |\n" for w, s in spellings.items()))
+        lexicon_file.write_text("".join(f"{w}\t{' '.join(s)} |\n" for w, s in spellings.items()),
+                                encoding="utf-8")
         try:
             return ctc_decoder(str(lexicon_file), tokens, lm=str(lm) if lm else None, beam_size=beam_size,
                                lm_weight=lm_weight, word_score=word_score,
@@ -362,7 +372,8 @@ def decode_inputs(args):
     if args.lm or args.lexicon:
         settings = {name: BEAM_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
                     for name in BEAM_DEFAULTS}
-        decoder = build_beam_search(args.lm, args.lexicon, alphabet=model.config.alphabet, **settings)
+        decoder = build_beam_search(args.lm, args.lexicon, alphabet=model.config.alphabet,
+                                    note=functools.partial(print, file=sys.stderr), **settings)
         spans = functools.partial(beam_search_spans, decoder, vocab=model.vocab)
     device = torch.device(args.device)
     if args.bf16 is None:
@@ -460,6 +471,7 @@ def printable(name):
 
 def main(argv=None):
     """The command line: decode_inputs() with its InputError printed as 'error: ...' and exit status 1."""
+    runs.utf8_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not (args.lm or args.lexicon) and any(getattr(args, name) is not None for name in BEAM_DEFAULTS):

@@ -201,8 +201,8 @@ def read_an4_list(etc, part):
     """[(speaker, utterance id, transcript)] from an4_<part>.fileids and .transcription, whose
     lines read 'an4_clstk/fash/an251-fash-b' and '<s> YES </s> (an251-fash-b)'."""
     try:
-        fileids = (etc / f"an4_{part}.fileids").read_text().split()
-        lines = (etc / f"an4_{part}.transcription").read_text().splitlines()
+        fileids = (etc / f"an4_{part}.fileids").read_text(encoding="utf-8").split()
+        lines = (etc / f"an4_{part}.transcription").read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DownloadError(f"cannot read AN4's list of {part} utterances: {e}") from None
     if len(fileids) != len(lines):
@@ -269,7 +269,7 @@ def convert_an4(source, target):
             soundfile.write(folder / f"{utt_id}.flac", samples, AN4_SAMPLE_RATE, subtype="PCM_16")
             by_folder.setdefault(folder, []).append(f"{utt_id} {text}\n")
         for folder, lines in by_folder.items():
-            (folder / f"{folder.parent.name}-an4.trans.txt").write_text("".join(lines))
+            (folder / f"{folder.parent.name}-an4.trans.txt").write_text("".join(lines), encoding="utf-8")
     expected = {target / split / speaker / "an4" / name for split, items in splits.items()
                 for _, speaker, utt_id, _ in items for name in (f"{utt_id}.flac", f"{speaker}-an4.trans.txt")}
     found = {p for p in target.rglob("*") if p.is_file()}

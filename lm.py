@@ -29,16 +29,17 @@ import download
 from download import DownloadError
 from data import InputError, files_under, normalize, read_alphabet
 from model import ENGLISH
-from runs import load_checkpoint, write_atomically
+from runs import load_checkpoint, utf8_output, write_atomically
 
 
 def unreadable_folder(reason, folder):
     raise DownloadError(f"{folder}: {reason}")
 
 
-def read_sentences(paths, alphabet=ENGLISH):
+def read_sentences(paths, alphabet=ENGLISH, changed=None):
     """Word lists from LibriSpeech-layout folders (.trans.txt), TSV manifests (the transcript
-    column) and plain text files (a sentence per line), normalized as the model spells them."""
+    column) and plain text files (a sentence per line), normalized as the model spells them; changed (a
+    Counter) counts the characters "dropped" and "folded" (data.normalize) and the "letters" read."""
     for path in map(Path, paths):
         if path.is_dir():  # linked speaker folders are followed, as train.py follows them
             files = [f for f in files_under(path, skip=unreadable_folder) if f.name.endswith(".trans.txt")]
@@ -63,7 +64,10 @@ def read_sentences(paths, alphabet=ENGLISH):
                         raise DownloadError(f"{file}:{line_no}: expected two tab-separated columns, "
                                             f"'audio path<TAB>transcript'")
                     line = line.partition("\t")[2]
-                words = normalize(line, alphabet)[0].split()
+                text, dropped, folded = normalize(line, alphabet)
+                if changed is not None:
+                    changed.update(dropped=dropped, folded=folded, letters=sum(map(str.isalpha, line)))
+                words = text.split()
                 if words:
                     yield words
 
@@ -141,26 +145,52 @@ def lm_outputs(path):
 # The phones of a pronunciation lexicon (CMUdict's, LibriSpeech's), less their stress digits 0-2.
 ARPABET = set("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH UH UW V W "
               "Y Z ZH".split())
+IPA = ("\u0250", "\u02ff")  # IPA Extensions and modifier letters (ˈ ː ʰ): only phones are written in them
+
+
+def pronunciation(fields):
+    """A lexicon line's fields after the word: its phones or letters, less a probability (Kaldi's
+    lexiconp.txt) and the word boundary |."""
+    rest = fields[1:]
+    if rest and rest[0].replace(".", "", 1).isdigit():
+        rest = rest[1:]
+    return [f for f in rest if f != "|"]
+
+
+def is_lexicon(lines):
+    """Whether a word list is a pronunciation lexicon (a word, then its phones or its letters), judged over
+    the whole file, not line by line: 9 in 10 of its lines of several fields read as pronunciations
+    (ARPABET in either case, IPA, single letters, or the word's letters), or those fields use at most 200
+    symbols, each about 3 times or more, as a phone set does and running text does not."""
+    entries = [(fields[0], pronunciation(fields)) for fields in lines if len(fields) > 1]
+    if not entries:
+        return False
+    def reads_as_pronunciation(word, rest):
+        phones = all(f.upper().rstrip("012") in ARPABET or len(f) == 1
+                     or any(IPA[0] <= c <= IPA[1] for c in f) for f in rest)
+        return bool(rest) and (phones or "".join(rest).lower() == word.lower())
+    symbols = [f for _, rest in entries for f in rest]
+    few_symbols = len(set(symbols)) <= 200 and len(symbols) >= 3 * len(set(symbols))
+    return few_symbols or sum(reads_as_pronunciation(*e) for e in entries) >= 0.9 * len(entries)
 
 
 def read_word_list(path, alphabet=ENGLISH):
     """The words of a word list, spelled as the model spells: every word of each line, but only the first
-    of a lexicon's line (its other fields are phones with stress digits, or the word's letters); the words
-    of a corpus folder's transcripts. A field that is no such word (digits, symbols, spaces once
-    normalized) is left out, counted and named on stderr, not mangled into another word."""
+    of each line of a pronunciation lexicon (is_lexicon); the words of a corpus folder's transcripts. A
+    field that is no such word (digits, symbols, spaces once normalized) is left out, counted and named
+    on stderr, not mangled into another word."""
     if Path(path).is_dir():
         return sorted({word for sentence in read_sentences([path], alphabet) for word in sentence})
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DownloadError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+    lines = list(filter(None, map(str.split, lines)))
+    lexicon = is_lexicon(lines)
     words, left_out = [], []
-    for fields in filter(None, map(str.split, lines)):
-        spelled = [f for f in fields[1:] if f != "|"]
-        spelling = len(spelled) > 1 and "".join(spelled).lower() == fields[0].lower()
-        lexicon = len(fields) > 1 and (spelling or all(f.rstrip("012") in ARPABET for f in fields[1:]))
+    for fields in lines:
         for field in fields[:1] if lexicon else fields:
-            word, dropped = normalize(field, alphabet)
+            word, dropped, _ = normalize(field, alphabet)
             if word and not dropped and " " not in word and not any(c.isdigit() and c not in alphabet
                                                                      for c in field):
                 words.append(word)
@@ -188,11 +218,22 @@ def build_lm(text_paths, out, order, vocab=None, quiet=False, alphabet=ENGLISH):
     if not out.parent.is_dir():
         raise DownloadError(f"--out {out}: the folder {out.parent} does not exist; create it first")
     extra_words = read_word_list(vocab, alphabet) if vocab else []
-    sentences = list(read_sentences(text_paths, alphabet))
+    changed = collections.Counter()
+    sentences = list(read_sentences(text_paths, alphabet, changed))
     if not sentences:
         raise DownloadError(f"{', '.join(map(str, text_paths))}: no words spelled in the alphabet "
                             f"({alphabet}; digits and other symbols are dropped); nothing was written")
     stage(f"read {len(sentences):,} sentences, {sum(map(len, sentences)):,} words")
+    if changed["dropped"] or changed["folded"]:
+        print(f"note: {changed['dropped']:,} characters not in the alphabet (digits, punctuation, letters) "
+              f"were dropped and {changed['folded']:,} written without an accent or case-folded",
+              file=sys.stderr)
+    kept = sum(c.isalpha() for words in sentences for word in words for c in word)
+    letters_lost = max(0, changed["letters"] - kept)
+    if letters_lost + changed["folded"] > changed["letters"] / 100:  # not a stray letter: another alphabet
+        print(f"warning: more than 1% of the letters are not the alphabet's ({alphabet}): the LM would spell "
+              f"words as no model of this text does. For a model of your own alphabet, build with "
+              f"--alphabet runs/<run>/best.pt", file=sys.stderr)
     model = kneser_ney(sentences, order, extra_words)
     stage(f"estimated the {order}-gram model")
     write_arpa(model, out)
@@ -258,6 +299,7 @@ def model_alphabet(name):
 
 
 def main(argv=None):
+    utf8_output()
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)

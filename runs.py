@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import secrets
 import shlex
 import signal
 import socket
+import sys
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -111,6 +113,14 @@ def device(text):
         raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that PyTorch can use; "
                                          f"use --device cpu")
     return text
+
+
+def utf8_output():
+    """Print UTF-8 whatever the locale, as Python's UTF-8 mode does: under LANG=C a transcript in another
+    alphabet would otherwise end a decode or a run with UnicodeEncodeError. For each command's main()."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace")
 
 
 def cache_dir():

@@ -161,10 +161,10 @@ def test_frequency_warp_moves_tones_as_a_scaled_vocal_tract_would():
 
 
 # ---------------------------------------------- data.py: text, corpora, audio, batches, error rates
-def test_normalize_lowercases_and_counts_what_it_drops():
-    assert data.normalize("IT'S  Café-au-lait,\tno. 42!") == ("it's cafe au lait no", 5)
-    assert data.normalize("Don\u2019t") == ("don't", 0)
-    assert data.normalize("  ") == ("", 0)
+def test_normalize_lowercases_and_counts_what_it_drops_and_folds():
+    assert data.normalize("IT'S  Café-au-lait,\tno. 42!") == ("it's cafe au lait no", 5, 1)
+    assert data.normalize("Don\u2019t") == ("don't", 0, 0)
+    assert data.normalize("  ") == ("", 0, 0)
     assert [data.VOCAB[i] for i in data.encode("it's a b")] == list("it's a b")
 
 
@@ -175,16 +175,22 @@ VIETNAMESE = ("aàáảãạăằắẳẵặâầấẩẫậbcdđeèéẻẽ�
 def test_another_alphabet_keeps_its_letters_and_reads_the_cases_that_trip_people():
     german, turkish = "abcdefghijklmnopqrstuvwxyzäöüß", "abcçdefgğhıijklmnoöprsştuüvyz"
     spanish = "abcdefghijklmnñopqrstuvwxyzáéíóú"
-    assert data.normalize("Cà phê ĐÚNG", VIETNAMESE) == ("cà phê đúng", 0)  # đ: a letter, not an accent
+    assert data.normalize("Cà phê ĐÚNG", VIETNAMESE) == ("cà phê đúng", 0, 0)  # đ: a letter, not an accent
     combining = "tie\u0302\u0301ng Vie\u0323\u0302t"  # accents typed as marks: one symbol each
-    assert data.normalize(combining, VIETNAMESE) == ("tiếng việt", 0)
-    assert data.normalize("Größe STRAẞE", german) == ("größe straße", 0)
-    assert data.normalize("Größe", turkish) == ("grösse", 0)       # no ß: ss, as German writes it without
-    assert data.normalize("IRMAK İstanbul ılık", turkish) == ("ırmak istanbul ılık", 0)  # I -> ı, İ -> i
-    assert data.normalize("Niño, Ärger!", spanish) == ("niño arger", 2)  # no ä: a; the , and ! dropped
-    assert data.normalize("x-ray €", german) == ("x ray", 1)
+    assert data.normalize(combining, VIETNAMESE) == ("tiếng việt", 0, 0)
+    assert data.normalize("Việt", VIETNAMESE.replace("ệ", "")) == ("viêt", 0, 1)  # one accent lost, not two
+    assert data.normalize("Größe STRAẞE", german) == ("größe straße", 0, 0)
+    assert data.normalize("Größe", turkish) == ("grösse", 0, 1)       # no ß: ss, as German writes it without
+    assert data.normalize("IRMAK İstanbul ılık", turkish) == ("ırmak istanbul ılık", 0, 0)  # I -> ı, İ -> i
+    assert data.normalize("KIRMIZI ŞAL", turkish) == ("kırmızı şal", 0, 0)  # all capitals, a Turkish letter
+    # Turkish casing is the transcript's: an English line in a Turkish alphabet keeps its i; İ is i anywhere.
+    assert data.normalize("FIVE NINE", turkish) == ("five nine", 0, 0)
+    assert data.normalize("İstanbul", german) == ("istanbul", 0, 0)
+    assert data.normalize("Niño, Ärger!", spanish) == ("niño arger", 2, 1)  # no ä: a; the , and ! dropped
+    assert data.normalize("x-ray €", german) == ("x ray", 1, 0)
+    assert data.normalize("e-mail and/or", german + "-/") == ("e-mail and/or", 0, 0)  # listed: kept
     # English is as it always was: accents stripped, other letters dropped.
-    assert data.normalize("Größe café ılık đúng", ENGLISH) == ("groe cafe lk ung", 4)
+    assert data.normalize("Größe café ılık đúng", ENGLISH) == ("groe cafe lk ung", 4, 3)
     assert data.label_problem("room 101", "room", german) is not None
     assert data.label_problem("room 101", "room 101", german + "0123456789") is None
 
@@ -202,6 +208,18 @@ def test_an_alphabet_file_is_one_symbol_a_line_and_each_mistake_is_named(tmp_pat
         assert str(tmp_path / name) in str(refused.value) and problem in str(refused.value), name
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--alphabet", str(tmp_path / "empty.txt")])
+
+
+def test_alphabet_auto_reads_turkish_casing_per_transcript_and_says_so(tmp_path):
+    """One Turkish line must not turn an English corpus's I into ı; an all-capitals Turkish line keeps its ı,
+    and İ leaves no lone combining dot to be taken as a symbol."""
+    (tmp_path / "list.tsv").write_text("a.flac\tFIVE NINE\nb.flac\tKIRMIZI IŞIK\nc.flac\tİSTANBUL\n",
+                                       encoding="utf-8")
+    lines = []
+    alphabet = data.alphabet_of(tmp_path / "list.tsv", lines.append)
+    assert alphabet == "abefiklmnrstuvzış"
+    assert "i:3" in lines[0] and "ı:5" in lines[0]  # five, nine, istanbul; kırmızı ışık
+    assert "2 transcripts write Turkish letters" in lines[1]
 
 
 def test_error_rates_are_corpus_level_edits_over_reference_length():
@@ -1376,6 +1394,18 @@ def test_a_ten_minute_recording_is_decoded_in_chunks_cut_at_pauses():
     assert decode.transcribe(model, [torch.randn(300)], torch.device("cpu"), 120, 30.0) == [("", [])]
 
 
+def test_a_lexicon_in_another_spelling_and_the_words_it_loses_are_told(tmp_path):
+    (tmp_path / "words.txt").write_text("dog\ne-mail\ncat\n", encoding="utf-8")
+    notes = []
+    decode.build_beam_search(None, tmp_path / "words.txt", 10, 1.0, 0.0, ENGLISH + "đ", notes.append)
+    assert len(notes) == 2 and "1 words are left out" in notes[0] and "e-mail" in notes[0]
+    assert "never uses the model's own letters (đ)" in notes[1] and "--alphabet" in notes[1]
+    (tmp_path / "words.txt").write_text("dog\nđi\n", encoding="utf-8")
+    notes.clear()
+    decode.build_beam_search(None, tmp_path / "words.txt", 10, 1.0, 0.0, ENGLISH + "đ", notes.append)
+    assert notes == []
+
+
 def test_a_model_in_another_alphabet_decodes_in_it_greedy_and_with_a_lexicon_or_lm(foreign_run, tmp_path,
                                                                                     capsys):
     checkpoint, test_list = foreign_run
@@ -1389,6 +1419,18 @@ def test_a_model_in_another_alphabet_decodes_in_it_greedy_and_with_a_lexicon_or_
         hyps = [line.split("\t")[1] for line in out.splitlines()]
         assert data.error_rates(refs, hyps)[1] < 10, (beam, list(zip(refs, hyps)))
         assert set("".join(hyps)) <= set(FOREIGN.values()), beam
+
+
+def test_decode_prints_another_alphabet_in_a_locale_that_cannot_encode_it(foreign_run):
+    """LANG=C with Python's UTF-8 mode off: the transcripts come out as UTF-8, not as a UnicodeEncodeError."""
+    checkpoint, test_list = foreign_run
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run([sys.executable, "decode.py", str(checkpoint), str(test_list), "--workers", "0"],
+                          cwd=HERE, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-500:]
+    printed = done.stdout.decode("utf-8")
+    assert len(printed.splitlines()) == 12 and set(printed) & set(FOREIGN.values())
 
 
 def test_a_pause_around_the_words_leaves_their_transcript_and_shifts_their_times(foreign_run, capsys):

@@ -297,6 +297,33 @@ def test_lm_build_vocab_takes_each_lines_first_word_and_names_what_is_not_a_word
     assert "lm.py build:" not in capsys.readouterr().err
 
 
+def test_lm_build_vocab_judges_the_whole_file_a_lexicon_in_any_phone_set(tmp_path):
+    """Lower-case ARPABET, Kaldi's lexiconp.txt (a probability column) and IPA: the phones never become
+    words; running text still gives every word."""
+    lexicons = {"arpabet.txt": "hello hh ah0 l ow1\nworld w er1 l d\nlaw l ao1\n",
+                "lexiconp.txt": "hello 1.0 hh ah l ow\nworld 0.8 w er l d\nlaw 1.0 l ao\n",
+                "ipa.txt": "hello h ə l oʊ\nworld w ɜː l d\nlaw l ɔː\n"}
+    (tmp_path / "book.txt").write_text("fg de\n")
+    for name, text in lexicons.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        out = tmp_path / f"{name}.arpa"
+        lm.main(["build", str(tmp_path / "book.txt"), "--vocab", str(tmp_path / name), "--out", str(out)])
+        words = [line.split("\t")[0] for line in out.with_suffix(".lexicon.txt").read_text().splitlines()]
+        assert words == ["de", "fg", "hello", "law", "world"], name
+
+
+def test_lm_build_counts_what_it_drops_and_folds_and_warns_of_another_alphabets_text(tmp_path, capsys):
+    (tmp_path / "vi.txt").write_text("tiếng việt rất hay\nxin chào\n", encoding="utf-8")
+    lm.main(["build", str(tmp_path / "vi.txt"), "--out", str(tmp_path / "english.arpa")])  # English's letters
+    err = capsys.readouterr().err
+    assert "0 characters not in the alphabet" in err and "4 written without an accent" in err
+    assert "warning: more than 1% of the letters" in err and "--alphabet runs/<run>/best.pt" in err
+    (tmp_path / "vi.alphabet").write_text("\n".join(sorted(set("tiếngvệtrấhayxinchào"))), encoding="utf-8")
+    lm.main(["build", str(tmp_path / "vi.txt"), "--out", str(tmp_path / "vi.arpa"), "--alphabet",
+             str(tmp_path / "vi.alphabet")])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_lm_build_vocab_takes_every_word_of_a_sentence_list_or_a_corpus_folder(tmp_path):
     (tmp_path / "book.txt").write_text("fg de\n")
     (tmp_path / "words.txt").write_text("the cat sat\nplan on it\n")

@@ -590,6 +590,7 @@ def main(argv=None):
     """The command line: train() with its InputError printed as 'error: ...' and exit status 1. Under
     torchrun the other ranks meet the same error: rank 0 alone prints it."""
     main_rank = launched()[0] == 0
+    runs.utf8_output()
     try:
         train(argv)
     except InputError as e:
