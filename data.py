@@ -214,11 +214,16 @@ def read_lines(path, expected=LAYOUTS):
 
 def _read_librispeech(files, skip):
     """(utt_id, audio path, raw transcript) for every line of the .trans.txt files. An id's audio is the
-    <id>.flac beside it, or a file of another audio name (.wav, .mp3, ...): the first in sorted order."""
+    <id>.flac beside it, or a file of another audio name (.wav, .mp3, ...); of several (an .m4a kept beside
+    the .wav made from it), the first in sorted order that soundfile reads, named through skip."""
     items, audio_named = [], {}
     for f in files:
         if f.suffix.lower() in AUDIO_NAMES:
-            audio_named.setdefault((f.parent, f.stem), f)
+            audio_named.setdefault((f.parent, f.stem), []).append(f)
+    for key, named in audio_named.items():
+        audio_named[key] = next((f for f in named if len(named) == 1 or is_audio(f)), named[0])
+        if len(named) > 1:
+            skip("ids with several audio files (the one used is named)", audio_named[key])
     for trans in (f for f in files if f.name.endswith(".trans.txt")):
         try:
             lines = read_lines(trans)
@@ -240,8 +245,9 @@ def transcript_lines(path, skip):
         return _read_manifest(path)
     files = list(files_under(path, skip))
     items = _read_librispeech(files, skip)
-    listed = {audio for _, audio, _ in items}
-    unlisted = [f for f in files if f not in listed and not f.name.endswith(".trans.txt") and is_recording(f)]
+    listed = {(audio.parent, audio.stem) for _, audio, _ in items}  # with the other files of a listed id
+    unlisted = [f for f in files if (f.parent, f.stem) not in listed and not f.name.endswith(".trans.txt")
+                and is_recording(f)]
     return items + [(f.stem, f, None) for f in unlisted]
 
 
@@ -370,7 +376,7 @@ def read_corpus(paths, log=print, cache_dir=None, alphabet=ENGLISH):
                                    "seconds": frames / rate})
         if len(utterances) == usable_before:
             raise InputError(f"{path}: none of its {len(items)} transcript lines has usable audio "
-                            f"({dict(stats)}). Expected {LAYOUTS}.")
+                            f"({dict(+stats)}). Expected {LAYOUTS}.")
     log(f"data: {len(utterances)} utterances, {sum(u['seconds'] for u in utterances) / 3600:.1f} h "
         f"from {', '.join(map(str, paths))}")
     for reason, count in stats.items():

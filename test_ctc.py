@@ -274,6 +274,21 @@ def test_a_librispeech_layout_folder_of_wav_or_mp3_files_is_read_as_flac_would_b
     assert [Path(u["path"]).name for u in corpus] == [f"{ids[0]}.wav", f"{ids[1]}.mp3"]
 
 
+def test_of_two_audio_files_for_one_id_the_readable_one_is_used_and_named(tmp_path):
+    """An .m4a kept beside the .wav converted from it: the .wav is read, and the log says so."""
+    ids = write_librispeech(tmp_path / "ls", ["abc", "ija"])
+    folder = tmp_path / "ls/19/198"
+    for utt_id in ids:
+        soundfile.write(folder / f"{utt_id}.wav", data.load_audio(folder / f"{utt_id}.flac").numpy(), 16000)
+        (folder / f"{utt_id}.flac").rename(folder / f"{utt_id}.m4a")  # sorts first; soundfile reads no m4a
+        (folder / f"{utt_id}.m4a").write_bytes(b"\0\0\0\x20ftypM4A " + bytes(100))
+    lines = []
+    corpus = data.read_corpus(tmp_path / "ls", log=lines.append)
+    assert [Path(u["path"]).name for u in corpus] == [f"{ids[0]}.wav", f"{ids[1]}.wav"]
+    assert any("several audio files" in line and f"{ids[0]}.wav" in line for line in lines), lines
+    assert not any("without transcript" in line for line in lines), lines
+
+
 def test_odd_sample_rates_resample_through_a_small_filter(tmp_path, monkeypatch):
     """torchaudio's filter is (16000 / g) x (rate / g) for g = gcd: 13 GB for 3 s at 47,999 Hz exactly."""
     rates, real = [], torchaudio.functional.resample
