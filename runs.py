@@ -525,28 +525,31 @@ def check_same_data(checkpoint, path, identity):
                              f"{what}. Restore it, or start a new run.")
 
 
-def save_training_state(path, model, average, optimizer, progress, args, world_size, identity):
+def save_training_state(path, model, average, optimizer, progress, args, identity, rng):
     """A checkpoint: the model to evaluate and decode ("model": the moving average where there is one)
-    and all a resume continues from: "trained_model" (what AdamW trains), optimizer, progress, flags;
-    progress: a Progress; identity: {"run_id", "train_set", "dev_set"}."""
+    and all a resume continues from: "trained_model" (what AdamW trains), optimizer, progress, flags and
+    every rank's random state; progress: a Progress; identity: {"run_id", "train_set", "dev_set"}; rng:
+    [CPU state, CUDA state or None] of each rank (train.Ranks.random_states)."""
     save_checkpoint({
         **model_checkpoint(average or model), "train_config": vars(args),
         **({"trained_model": model.state_dict()} if average else {}),
-        "optimizer": optimizer.state_dict(), **asdict(progress), "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-        "world_size": world_size, **identity}, path)
+        "optimizer": optimizer.state_dict(), **asdict(progress), "rng_cpu": [cpu for cpu, _ in rng],
+        "rng_cuda": [cuda for _, cuda in rng], "world_size": len(rng), **identity}, path)
 
 
-def restore_training_state(checkpoint, model, average, optimizer, device):
-    """Put a checked checkpoint's weights, average, optimizer and random state back; returns its
-    Progress."""
+def restore_training_state(checkpoint, model, average, optimizer, device, rank):
+    """Put a checked checkpoint's weights, average, optimizer and this rank's random state back; returns
+    its Progress. A checkpoint from before every rank's state was kept holds rank 0's alone."""
     model.load_state_dict(checkpoint["trained_model"] if average else checkpoint["model"])
     if average:
         average.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng_cpu"])
-    if device.type == "cuda" and checkpoint["rng_cuda"] is not None:
-        torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+    cpu, cuda = checkpoint["rng_cpu"], checkpoint["rng_cuda"]
+    if isinstance(cpu, list):
+        cpu, cuda = cpu[rank], cuda[rank]
+    torch.set_rng_state(cpu)
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
     return Progress(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
                     checkpoint["best_wer"], checkpoint["best_cer"], checkpoint.get("eval_pending", False))
 

@@ -4,6 +4,7 @@ no network; the tools' tests are in test_tools.py.
     pytest test_ctc.py
 """
 import argparse
+import contextlib
 import ast
 import fcntl
 import functools
@@ -1148,6 +1149,47 @@ def test_two_ranks_with_gloo_end_with_identical_weights_and_one_checkpoint(tmp_p
     sampler = data.BucketBatches(seconds, 6.0, world_size=2)
     assert len(sampler) == len(data.BucketBatches(seconds, 6.0)) // 2
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 2 * len(sampler)
+
+
+def test_under_torchrun_each_process_takes_its_own_gpu_whatever_cuda_device_is_named(monkeypatch):
+    """--device cuda:0 (not only cuda) under torchrun: NCCL on the process's own GPU, found from RANK where
+    the launcher sets no LOCAL_RANK; bf16 only where the GPU computes it, not in emulation."""
+    taken = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", taken.append)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(train.dist, "init_process_group", taken.append)
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with contextlib.ExitStack() as cleanup:
+        device, bf16 = train.setup_device(argparse.Namespace(device="cuda:0", bf16=None), 4, cleanup)
+    assert device == torch.device("cuda", 1) and taken == [device, "nccl"] and bf16 is False
+
+
+def test_two_ranks_resume_exactly_with_augmentation_each_rank_its_own_random_state(tmp_path):
+    """Speed perturbation, the frequency warp and masks draw from each rank's generator, and the ranks'
+    batches differ in size, so their states differ: a resume must give each rank its own back."""
+    train_dir, dev_dir = make_corpus(tmp_path, 24, 2)
+    augment = ["--epochs", "2", "--eval-every", "100", "--speed-perturb", "--freq-warp", "0.1",
+               "--freq-masks", "1", "--time-masks", "1"]
+
+    def spawn(flags):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.spawn(train_one_rank, args=(flags, port, tmp_path), nprocs=2)
+    spawn(train_flags(train_dir, dev_dir, tmp_path / "straight", *augment))
+    spawn(train_flags(train_dir, dev_dir, tmp_path / "split", *augment, "--max-minutes", "1e-9"))
+    stopped = torch.load(tmp_path / "split/last.pt", weights_only=True)
+    assert stopped["step"] == 1 and len(stopped["rng_cpu"]) == 2
+    assert not torch.equal(stopped["rng_cpu"][0], stopped["rng_cpu"][1])
+    spawn(["--resume", str(tmp_path / "split/last.pt"), "--max-minutes", "1e9"])
+    a, b = (torch.load(tmp_path / f"{run}/last.pt", weights_only=True) for run in ("straight", "split"))
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    for name in a["trained_model"]:
+        torch.testing.assert_close(a["trained_model"][name], b["trained_model"][name], atol=1e-6, rtol=1e-5)
 
 
 def test_torchrun_two_processes_finish_and_time_out_with_status_0_and_refuse_a_live_folder(tmp_path):

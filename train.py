@@ -237,15 +237,24 @@ def setup_device(args, world_size, cleanup):
     joins the process group (left when cleanup, an ExitStack, closes)."""
     device = torch.device(args.device)
     if world_size > 1:
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if args.device == "cuda" else "cpu")
-        if device.type == "cuda":
+        if device.type == "cuda":  # cuda or cuda:N alike: each process its own GPU on this machine
+            local_rank = os.environ.get("LOCAL_RANK", int(os.environ["RANK"]) % torch.cuda.device_count())
+            device = torch.device("cuda", int(local_rank))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         cleanup.callback(dist.destroy_process_group)
-    bf16 = args.bf16
-    if bf16 is None:  # bf16 needs no loss scaling, unlike fp16; a CPU without AVX512-BF16 only emulates it
-        bf16 = device.type == "cuda" or cpu_has_bf16()
+    bf16 = args.bf16  # bf16 needs no loss scaling, unlike fp16; without hardware for it, it is emulated
+    if bf16 is None and device.type == "cuda":
+        bf16 = cuda_has_bf16(device)
+    elif bf16 is None:
+        bf16 = device.type == "cpu" and cpu_has_bf16()
     return device, bf16
+
+
+def cuda_has_bf16(device):
+    """Whether this GPU computes bf16 itself (Ampere and later), not in emulation."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_has_bf16():
@@ -296,7 +305,7 @@ def build_loaders(args, train_set, dev_set, ranks, log):
     return train_loader, sampler, dev_loader
 
 
-def build_optimizer(args, checkpoint, model, device):
+def build_optimizer(args, checkpoint, model, device, rank):
     """AdamW and the moving average of the weights (or None), new or as the checkpoint left them, and
     the runs.Progress so far."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -306,7 +315,8 @@ def build_optimizer(args, checkpoint, model, device):
     average = copy.deepcopy(model) if args.ema_decay else None
     if checkpoint is None:
         return optimizer, average, runs.Progress()
-    return optimizer, average, runs.restore_training_state(checkpoint, model, average, optimizer, device)
+    progress = runs.restore_training_state(checkpoint, model, average, optimizer, device, rank)
+    return optimizer, average, progress
 
 
 # ------------------------------------------------------------------------ the run
@@ -344,7 +354,7 @@ def train(argv=None, model=None):
             runs.check_same_data(checkpoint, args.resume, identity)
         runs.claim_run_dir_on_rank_0(args, here, cleanup, ranks)
         loader, sampler, dev_loader = build_loaders(args, train_set, dev_set, ranks, log)
-        optimizer, average, progress = build_optimizer(args, checkpoint, model, device)
+        optimizer, average, progress = build_optimizer(args, checkpoint, model, device, rank)
         run = Run(args, ranks, bf16, Path(args.run_dir), model, average, optimizer, identity, dev_loader,
                   log, LogInterval(device))
         if checkpoint and ranks.main:
@@ -383,6 +393,17 @@ class Ranks:
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return tuple(bool(flag) for flag in agreed.tolist())
 
+    def random_states(self):
+        """[CPU, CUDA or None] random state of every rank, for a checkpoint: each rank draws its own
+        augmentation (its batches differ), so a resume must give each its own back. Every rank calls it."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        state = [torch.get_rng_state(), cuda]
+        if self.world_size == 1:
+            return [state]
+        states = [None] * self.world_size
+        dist.all_gather_object(states, state)
+        return states
+
 
 @dataclasses.dataclass
 class Run:
@@ -411,9 +432,11 @@ class Run:
     def training_minutes(self, run_start):
         return (time.time() - run_start - self.eval_seconds) / 60
 
-    def save(self, name, progress):
-        runs.save_training_state(self.dir / name, self.model, self.average, self.optimizer, progress,
-                                 self.args, self.ranks.world_size, self.identity)
+    def save(self, name, progress, rng):
+        """Rank 0 writes a checkpoint; rng: every rank's random state (Ranks.random_states, a collective)."""
+        if self.ranks.main:
+            runs.save_training_state(self.dir / name, self.model, self.average, self.optimizer, progress,
+                                     self.args, self.identity, rng)
 
     def write_metrics(self, record, run_start):
         self.metrics.write(json.dumps({**record, "wall_seconds": time.time() - run_start}) + "\n")
@@ -462,8 +485,8 @@ def train_loop(run, loader, sampler, progress, stop):
                                                                             run_start, stop):
                 ended = "signal"
                 break
-            if p.step % args.save_every == 0 and ranks.main:
-                run.save("last.pt", p)
+            if p.step % args.save_every == 0:
+                run.save("last.pt", p, ranks.random_states())
         if p.batch_in_epoch == len(sampler):  # also when stopped on its last batch: a resume starts the next
             p.epoch, p.batch_in_epoch = p.epoch + 1, 0
     del ddp_model  # before the process group goes: a DDP model left to exit's garbage collection hung there
@@ -472,8 +495,7 @@ def train_loop(run, loader, sampler, progress, stop):
     final_due = ended != "signal" and run.evaluated_step != p.step
     if final_due and not evaluate_and_keep_best(run, p, "final", run_start, stop):
         ended = "signal"
-    if ranks.main:
-        run.save("last.pt", p)
+    run.save("last.pt", p, ranks.random_states())
     if p.epoch >= args.epochs and ended != "signal":
         return "finished"
     return ended
@@ -483,7 +505,7 @@ def train_step(run, model, batch, step):
     """One step on a batch: forward, CTC loss, backward, clip, then the weights and their moving average
     move unless the loss or the gradient is not finite. Returns "trained", "not finite" or "out of
     memory". model: run.model, or its DDP wrapper under torchrun."""
-    args, optimizer = run.args, run.optimizer
+    args, optimizer, out_of_memory = run.args, run.optimizer, False
     try:
         log_probs, out_lengths = forward(model, batch, run.device, run.bf16)
         # CTC takes (T, B, vocab); the mean is each utterance's loss over its target length, then the batch's.
@@ -503,6 +525,9 @@ def train_step(run, model, batch, step):
     except torch.OutOfMemoryError:
         if run.ranks.world_size > 1:  # the other ranks already wait in this step's all-reduce: it must end
             raise
+        out_of_memory = True
+    if out_of_memory:  # out of the except: its traceback held the failed batch's activations
+        log_probs = loss = None
         skip_out_of_memory(batch, optimizer, run.device, args, run.log)
         return "out of memory"
     run.interval.add(loss, grad_norm, log_probs, out_lengths)
@@ -529,6 +554,7 @@ def evaluate_and_keep_best(run, progress, label, run_start, stop):
         raise InputError(f"--dev {' '.join(run.args.dev)}: none of its utterances could be scored, each "
                          f"file was skipped (the warnings above say why); fix or replace the dev set")
     run.evaluated_step = progress.step
+    rng = run.ranks.random_states()  # for best.pt, which rank 0 alone knows whether to write
     if not run.ranks.main:
         return True
     (wer, cer), seconds = data.error_rates(refs, hyps), time.time() - started
@@ -544,7 +570,7 @@ def evaluate_and_keep_best(run, progress, label, run_start, stop):
                        "grad_norms": run.block_norms, "warning": warning, "eval_seconds": seconds}, run_start)
     if (wer, cer) < (progress.best_wer, progress.best_cer):  # a tie in WER goes to the better CER
         progress.best_wer, progress.best_cer = wer, cer
-        run.save("best.pt", progress)
+        run.save("best.pt", progress, rng)
     return True
 
 
