@@ -139,9 +139,9 @@ def read_alphabet(path):
         if symbol in (VOCAB[0], "|"):
             raise InputError(f"{where}: {symbol!r} is taken: CTC's blank is written _, the beam search's "
                              f"word boundary |; remove it")
-        if symbol != symbol.lower():
+        if symbol != lowercase(symbol, turkish=False):
             raise InputError(f"{where}: {symbol!r} is upper case, and transcripts are lowercased; write "
-                             f"{symbol.lower()!r}")
+                             f"{lowercase(symbol, turkish=False)!r}")
         if symbol in symbols:
             raise InputError(f"{where}: {symbol!r} is there twice (also line {symbols[symbol]})")
         symbols[symbol] = number
@@ -158,6 +158,8 @@ def alphabet_of(paths, log=print):
     for path in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
         if not path.exists():
             raise InputError(f"{path}: no such file or directory. Expected {LAYOUTS}.")
+        if is_recording(path):
+            raise InputError(f"{path} is an audio file, not a corpus. Expected {LAYOUTS}.")
         lines += [(utt_id, raw) for utt_id, _, raw in transcript_lines(path, skip=lambda reason, what: None)
                   if raw is not None and not any(c.isdigit() for c in raw)]
     counts, example, turkish = collections.Counter(), {}, 0
@@ -169,14 +171,17 @@ def alphabet_of(paths, log=print):
                 example.setdefault(c, utt_id)
     if not counts:
         raise InputError(f"--alphabet auto: no letters in the transcripts of {' '.join(map(str, paths))}")
-    log(f"alphabet: {len(counts)} symbols in the training transcripts: "
-        + " ".join(f"{symbol}:{count}" for symbol, count in sorted(counts.items())))
+    listed = sorted(counts.most_common(200))  # a logographic script has thousands: the commonest
+    log(f"alphabet: {len(counts)} symbols in the training transcripts"
+        + (": " if len(listed) == len(counts) else f", the {len(listed)} commonest: ")
+        + " ".join(f"{symbol}:{count}" for symbol, count in listed))
     if turkish:
         log(f"alphabet: {turkish} transcripts write Turkish letters (ı ğ ş): their I is read as ı")
     rare = [symbol for symbol, count in sorted(counts.items()) if count < max(5, counts.total() / 100_000)]
     if rare:
-        log("alphabet: rare, so hard to learn (a typo in a transcript?): "
-            + ", ".join(f"{symbol!r} (in {example[symbol]})" for symbol in rare))
+        log(f"alphabet: {len(rare)} rare, so hard to learn (a typo in a transcript?): "
+            + ", ".join(f"{symbol!r} (in {example[symbol]})" for symbol in rare[:20])
+            + (", ..." if len(rare) > 20 else ""))
     return "".join(sorted(counts))
 
 

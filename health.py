@@ -7,10 +7,16 @@ gradient norm of each block before an evaluation, and a plain-words warning when
     line, record = interval.report(epoch, step, total_steps, lr, eta_seconds)
     warning = diagnose(hypotheses, cer_history, step, warmup_steps)   # None while it looks healthy
 """
-import resource
+import math
+import sys
 import time
 
 import torch
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 from model import BLANK, lengths_mask
 
@@ -59,10 +65,14 @@ def gradient_norms_by_block(model):
 
 
 def peak_memory_gb(device):
-    """Most memory held so far: on a GPU the caching allocator's (nvidia-smi less the context), else RSS."""
+    """Most memory held so far: on a GPU the caching allocator's (nvidia-smi less the context), else RSS
+    (none where the system does not say, as on Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    if resource is None:
+        return math.nan
+    unit = 1e9 if sys.platform == "darwin" else 1e6  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
 
 
 class LogInterval:
@@ -73,8 +83,8 @@ class LogInterval:
         self.reset()
 
     def reset(self):
-        self.sums = torch.zeros(3, device=self.device)  # loss, blank frames, real frames
-        self.start, self.audio, self.wait, self.grad_norm = time.time(), 0.0, 0.0, 0.0
+        self.sums = torch.zeros(4, device=self.device)  # loss, gradient norm, blank frames, real frames
+        self.start, self.audio, self.wait = time.time(), 0.0, 0.0
         self.trained, self.skipped, self.oom = 0, 0, 0
 
     def timed(self, batches):
@@ -90,9 +100,13 @@ class LogInterval:
         with torch.no_grad():
             inside = lengths_mask(out_lengths.to(log_probs.device, non_blocking=True), log_probs.shape[1])
             blanks = ((log_probs.argmax(-1) == BLANK) & inside).sum()
-            self.sums += torch.stack([loss.detach(), blanks.float(), inside.sum().float()])
-        self.grad_norm += float(grad_norm)
+            self.sums += torch.stack([loss.detach().float(), grad_norm.detach().float(), blanks.float(),
+                                      inside.sum().float()])
         self.trained += 1
+
+    def leave_out(self, seconds):
+        """Seconds spent outside the steps (an evaluation), which the speed must not count."""
+        self.start += seconds
 
     def count(self, outcome, audio_seconds):
         """A step's outcome, from train.train_step ("trained", "not finite", "out of memory") or "skipped"
@@ -103,10 +117,10 @@ class LogInterval:
 
     def report(self, epoch, step, total_steps, lr, eta_seconds):
         """(log line, metrics record) for the steps since the last log line; a new interval starts."""
-        loss, blank_frames, frames = self.sums.tolist()
-        elapsed, trained = time.time() - self.start, max(1, self.trained)
+        loss, grad_norm, blank_frames, frames = self.sums.tolist()
+        elapsed, trained = time.time() - self.start, self.trained or math.nan  # nan: no finite step
         r = {"epoch": epoch, "step": step, "loss": loss / trained, "lr": lr,
-             "grad_norm": self.grad_norm / trained, "x_realtime": self.audio / elapsed,
+             "grad_norm": grad_norm / trained, "x_realtime": self.audio / elapsed,
              "data_wait": self.wait / elapsed, "blank_share": blank_frames / max(1, frames),
              "skipped_steps": self.skipped, "oom_batches": self.oom, "audio_seconds": self.audio,
              "peak_memory_gb": peak_memory_gb(self.device)}

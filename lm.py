@@ -23,6 +23,7 @@ import hashlib
 import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import download
@@ -287,11 +288,15 @@ def fetch_librispeech_lm(name, root, base_url):
 
 
 def model_alphabet(name):
-    """The symbols --alphabet names: "english", a checkpoint's (a .pt file) or an alphabet file's."""
+    """The symbols --alphabet names: "english", a checkpoint's (a PyTorch file, whatever its name) or an
+    alphabet file's."""
+    if name == "auto":
+        raise DownloadError("--alphabet auto is train.py's (the training transcripts' letters); here name "
+                            "the model's checkpoint (--alphabet runs/<run>/best.pt) or its alphabet file")
     try:
         if name == "english":
             return ENGLISH
-        if name.endswith(".pt"):
+        if name.endswith(".pt") or zipfile.is_zipfile(name):
             return load_checkpoint(name)["model_config"]["alphabet"]
         return read_alphabet(name)
     except InputError as e:

@@ -85,13 +85,15 @@ def write_atomically(path, write):
         os.close(folder)
 
 
-def in_range(kind, low, high=math.inf, low_open=False):
-    """An argparse type: a number in [low, high), or (low, high)."""
+def in_range(kind, low, high=math.inf, low_open=False, or_off=False):
+    """An argparse type: a number in [low, high), or (low, high); or_off: 0 too (the feature off)."""
     def parse(text):
         value = kind(text)
+        if or_off and value == 0:
+            return value
         if not (low < value if low_open else low <= value) or not value < high:  # NaN fails too
             bounds = f"{'(' if low_open else '['}{low}, {high})"
-            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}{' (or 0: off)' if or_off else ''}")
         return value
     return parse
 
@@ -236,6 +238,8 @@ def claim_run_dir(args, resuming_here):
     lock.truncate(0)
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
+    for unfinished in run_dir.glob("*.pt.*.tmp"):  # a save killed midway (kill -9): ours, under the lock
+        unfinished.unlink(missing_ok=True)
     return lock
 
 
@@ -288,7 +292,12 @@ def load_checkpoint(path, keys=MODEL_KEYS, name=None):
     if path.is_dir():
         raise InputError(f"{name}: a folder; name a checkpoint in it (best.pt, or last.pt)")
     if path.is_file() and not zipfile.is_zipfile(path):  # torch.save's format; a pickle would warn first
-        raise InputError(f"{name}: not a PyTorch checkpoint (train.py writes best.pt and last.pt); name one")
+        with open(path, "rb") as f:
+            begun = f.read(4) == b"PK\x03\x04"  # a zip's start without its end
+        problem = "not a PyTorch checkpoint (train.py writes best.pt and last.pt); name one"
+        if begun:
+            problem = "not a readable train.py checkpoint: cut short or damaged (an unfinished copy?)"
+        raise InputError(f"{name}: {problem}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         missing = [key for key in keys if key not in checkpoint]
@@ -350,27 +359,27 @@ def as_flag(name):
 
 
 def typed_flags(build_parser, argv):
-    """The names of the flags argv gives, even those given at their defaults."""
-    parser = build_parser()
-    for action in parser._actions:  # so that only the flags argv names come back
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    """{name: value} of the flags argv gives, even those given at their defaults."""
+    parser, untyped = build_parser(), object()
+    # argparse fills in a default only where the namespace has no value yet
+    untouched = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), untyped))
+    parsed = vars(parser.parse_args(argv, untouched))
+    return {name: value for name, value in parsed.items() if value is not untyped}
 
 
 def init_args(args, typed, log):
     """--init-from: the checkpoint whose model starts a new run (build_from_checkpoint's checks); a run
-    folder's best.pt. Its
-    model's shape (SHAPE) becomes the run's: a shape flag typed (typed: their names) with another value
-    is refused; a recipe's gives way."""
+    folder's best.pt. Its model's shape (SHAPE) becomes the run's: a shape flag typed (typed: {name:
+    value}) with another value is refused; a recipe's gives way, before or after the typed flags."""
     path = Path(args.init_from)
     path = path / "best.pt" if path.is_dir() else path  # a run folder: its best model
     args.init_from = str(path.absolute())
     start = build_from_checkpoint(path)[1]
     for name in SHAPE:
         saved, asked = start["model_config"][name], getattr(args, name)
-        if name in typed and asked != saved:
+        if name in typed and typed[name] != saved:
             raise InputError(f"--init-from {path}: its model has {as_flag(name)} {saved}, and "
-                             f"{as_flag(name)} {asked} would be another model; drop the flag, or train "
+                             f"{as_flag(name)} {typed[name]} would be another model; drop the flag, or train "
                              f"from scratch without --init-from")
         if asked != saved:
             log(f"init: {as_flag(name)} {saved}, the model's, in place of {asked}")
@@ -379,14 +388,24 @@ def init_args(args, typed, log):
 
 
 def load_matching(model, start):
-    """Copy into model every tensor of the checkpoint start whose name and shape match, but not the
-    output layer when the alphabets differ (its rows mean other symbols). Returns the names not loaded."""
-    own = model.state_dict()
-    same_symbols = start["model_config"]["alphabet"] == model.config.alphabet
-    loaded = {name: tensor for name, tensor in start["model"].items() if name in own
-              and own[name].shape == tensor.shape and (same_symbols or not name.startswith("output."))}
+    """Copy into model every tensor of the checkpoint start whose name and shape match; of the output
+    layer, whose rows are symbols, the rows of the symbols both write (blank and space always), wherever
+    each alphabet has them. Returns (the names not loaded, the symbols whose rows start afresh)."""
+    own, theirs = model.state_dict(), start["model"]
+    loaded = {name: tensor for name, tensor in theirs.items()
+              if name in own and own[name].shape == tensor.shape and not name.startswith("output.")}
+    their_row = {symbol: row for row, symbol in enumerate(vocabulary(start["model_config"]["alphabet"]))}
+    shared = [(row, their_row[symbol]) for row, symbol in enumerate(model.vocab) if symbol in their_row]
+    if own["output.weight"].shape[1:] == theirs["output.weight"].shape[1:]:  # the same width of GRU
+        rows, their_rows = map(list, zip(*shared))
+        for name in ("output.weight", "output.bias"):
+            loaded[name] = own[name].clone()
+            loaded[name][rows] = theirs[name][their_rows]
     model.load_state_dict(loaded, strict=False)
-    return sorted(set(own) - set(loaded))
+    new_symbols = [symbol for symbol in model.vocab if symbol not in their_row]
+    if "output.weight" not in loaded:
+        new_symbols = model.vocab
+    return sorted(set(own) - set(loaded)), new_symbols
 
 
 def started_from(args, start):
@@ -415,7 +434,8 @@ def resume_args(build_parser, argv, args, may_change, build_model, world_size):
     unknown = [as_flag(k) for k in vars(build_parser().parse_args([])) if k not in checkpoint["train_config"]]
     if unknown:  # train.py has gained flags since: their defaults need not be what that run did
         raise InputError(f"--resume {path}: written by an older train.py, before {' '.join(unknown)} "
-                         f"existed; continue it with the code that wrote it, or start a new run")
+                         f"existed; continue it with the code that wrote it, or start a new run from its "
+                         f"model with --init-from {path}")
     saved = argparse.Namespace(**checkpoint["train_config"])
     run_dir = Path(given.get("run_dir") or path.parent)
     check_resumable(checkpoint, path, build_model(saved), run_dir, world_size)
@@ -565,6 +585,8 @@ def stopped_message(ended, stop, progress, args, run_dir, world_size):
 
 
 def diverged_message(args, run_dir, world_size, steps):
+    last = run_dir / "last.pt"
+    resume = f", or resume from before it: {resume_command(last, world_size)}" if last.exists() else (
+        f" ({last} is not written yet: nothing to resume)")
     return (f"{steps} steps in a row had a non-finite loss or gradient: the run has diverged. Lower --lr "
-            f"(now {args.lr}) or raise --warmup-steps and start anew, or resume from before it: "
-            f"{resume_command(run_dir / 'last.pt', world_size)}")
+            f"(now {args.lr}) or raise --warmup-steps and start anew{resume}")

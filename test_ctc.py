@@ -321,6 +321,26 @@ def test_speech_under_a_steady_high_pitched_noise_is_not_called_silent():
     assert not data.is_silent(speech + whine) and data.is_silent(whine)
 
 
+def test_every_module_imports_and_trains_flags_without_linux_only_calls():
+    """macOS has no os.sched_getaffinity nor /proc/cpuinfo: every module still imports, and train.py's
+    defaults (workers, bf16) come out."""
+    script = (
+        "import os, pathlib, sys\n"
+        "del os.sched_getaffinity\n"
+        "real = pathlib.Path.read_text\n"
+        "def read_text(self, *a, **k):\n"
+        "    if str(self).startswith('/proc'):\n"
+        "        raise FileNotFoundError(str(self))\n"
+        "    return real(self, *a, **k)\n"
+        "pathlib.Path.read_text = read_text\n"
+        "import model, data, health, runs, train, decode, lm, download, ablation, plot, conditions\n"
+        "args = train.build_parser().parse_args(['--device', 'cpu'])\n"
+        "import contextlib\n"
+        "print(args.workers, train.setup_device(args, 1, contextlib.ExitStack())[1])\n")
+    done = run_script("-c", script)
+    assert done.returncode == 0 and done.stdout.split() == [str(min(4, os.cpu_count())), "False"], done.stderr
+
+
 def test_data_py_docstring_shows_every_step_a_copier_needs():
     """Followed as written, the example must reshuffle each epoch and drop what CTC cannot align."""
     assert "set_epoch(epoch)" in data.__doc__ and "filter_trainable(" in data.__doc__
@@ -442,16 +462,21 @@ def test_a_checkpoint_from_before_alphabets_and_norm_range_db_decodes_as_it_did(
                                model(waves, torch.tensor([waves.shape[1]]))[0])
 
 
-def test_init_from_loads_every_tensor_that_fits_and_not_the_output_layer_of_other_symbols():
+def test_init_from_loads_every_tensor_that_fits_and_each_output_row_of_a_symbol_both_write():
     torch.manual_seed(0)
     english = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
-    start = model_checkpoint(english)
-    for alphabet, fresh in ((ENGLISH, []), ("".join(FOREIGN.values()), ["output.bias", "output.weight"]),
-                            (ENGLISH[::-1], ["output.bias", "output.weight"])):  # same size, other order
+    start, theirs = model_checkpoint(english), english.state_dict()
+    for alphabet in (ENGLISH, "".join(FOREIGN.values()) + "ab", ENGLISH[::-1], ENGLISH.replace("q", "")):
         model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2, alphabet=alphabet))
-        assert runs.load_matching(model, start) == fresh
+        fresh, new_symbols = runs.load_matching(model, start)
+        assert fresh == [] and new_symbols == [s for s in model.vocab if s not in english.vocab]
         for name, tensor in model.state_dict().items():
-            assert torch.equal(tensor, english.state_dict()[name]) != (name in fresh), name
+            if not name.startswith("output."):
+                assert torch.equal(tensor, theirs[name]), name
+        for row, symbol in enumerate(model.vocab):  # blank, space, a and b keep theirs in any order
+            same = torch.equal(model.output.weight[row], english.output.weight[english.vocab.index(symbol)]) \
+                if symbol in english.vocab else False
+            assert same == (symbol in english.vocab), (alphabet, symbol)
 
 
 def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path):
@@ -944,11 +969,13 @@ def test_init_from_starts_a_new_run_from_a_model_which_resumes_like_any_other(tm
                         "--alphabet", tmp_path / "abc.txt", "--lr", "1e-12", "--epochs", "3",
                         "--ema-decay", "0", "--max-minutes", "1e-9")
     train.train(flags)  # one step, at a rate too small to move a weight
-    assert "initialized afresh: output.bias, output.weight" in capsys.readouterr().out
+    assert "initialized afresh: none; output rows afresh for 0 of 12 symbols" in capsys.readouterr().out
     before, after = (torch.load(p, weights_only=True) for p in (start, tmp_path / "run/last.pt"))
     for name, tensor in after["model"].items():
         if not name.startswith("output."):
             torch.testing.assert_close(tensor, before["model"][name])
+    rows = [before["vocab"].index(symbol) for symbol in after["vocab"]]  # a-j, blank and space: English's rows
+    torch.testing.assert_close(after["model"]["output.weight"], before["model"]["output.weight"][rows])
     assert after["model"]["output.weight"].shape[0] == 12 and after["step"] == 1
     assert after["run_id"] != before["run_id"] and after["train_config"]["alphabet"] == "abcdefghij"
     origin = {"checkpoint": str(start), "run_id": before["run_id"], "step": before["step"]}
@@ -981,6 +1008,11 @@ def test_init_from_refuses_what_would_not_start_from_that_model(tmp_path, traine
             train.train(flags + list(map(str, extra)))
         assert problem in str(refused.value), extra
     assert not (tmp_path / "run").exists()
+    # A recipe's flag gives way even when it comes after the typed one, which alone is held to the model.
+    (tmp_path / "stride4.args").write_text("--time-stride 4\n")
+    args = train.resolve_args(flags + ["--init-from", str(start), "--time-stride", "2",
+                                       f"@{tmp_path / 'stride4.args'}"], 1, lambda line: None)[0]
+    assert args.time_stride == 2
 
 
 def test_an_empty_checkpoint_or_run_folder_flag_is_refused_not_read_as_absent(tmp_path, capsys):
@@ -1753,6 +1785,21 @@ def test_a_recipe_may_continue_lines_start_with_a_bom_and_include_its_neighbours
     monkeypatch.chdir(tmp_path)  # @base.args is the recipe's neighbour, not the working folder's
     args = train.build_parser().parse_args(["@recipes/mine.args"])
     assert (args.epochs, args.lr, args.rnn_layers) == (7, 2e-3, 2)
+
+
+def test_a_quoted_at_is_a_value_and_includes_that_multiply_or_nest_deep_are_refused(tmp_path, capsys):
+    (tmp_path / "odd.args").write_text('--run-dir "@odd" @more.args\n')
+    (tmp_path / "more.args").write_text("--epochs 3\n")
+    args = train.build_parser().parse_args([f"@{tmp_path / 'odd.args'}"])
+    assert (args.run_dir, args.epochs) == ("@odd", 3)
+    for i in range(30):  # a diamond: each recipe includes the next twice, 2 ** 30 reads
+        (tmp_path / f"d{i}.args").write_text(f"@d{i + 1}.args @d{i + 1}.args\n")
+    for i in range(150):  # a chain deeper than Python's recursion would go
+        (tmp_path / f"c{i}.args").write_text(f"@c{i + 1}.args\n")
+    for top in ("d0.args", "c0.args"):
+        with pytest.raises(SystemExit):
+            train.build_parser().parse_args([f"@{tmp_path / top}"])
+        assert "includes that multiply?" in capsys.readouterr().err
 
 
 def test_every_train_and_decode_command_in_the_readme_parses(monkeypatch):

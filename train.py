@@ -47,7 +47,17 @@ MAX_BAD_STEPS_IN_A_ROW = 20  # more non-finite steps than this means the run has
 # --dev may name where the run's corpora now live: a resume checks that they hold the same utterances.
 RESUME_MAY_CHANGE = ("device", "bf16", "workers", "log_every", "eval_every", "save_every", "max_minutes",
                      "data", "dev")
-CORES = len(os.sched_getaffinity(0))
+
+
+def usable_cores():
+    """The cores this process may use: Linux's affinity, which a container or taskset narrows; elsewhere
+    (macOS) every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+CORES = usable_cores()
 
 
 class RecipeParser(argparse.ArgumentParser):
@@ -63,15 +73,24 @@ class RecipeParser(argparse.ArgumentParser):
         return super().parse_known_args(flags, namespace)
 
 
-def read_recipe(path, included_by=()):
+MAX_RECIPE_READS, MAX_RECIPE_DEPTH = 1000, 100  # for one command line: includes that multiply end here
+
+
+def read_recipe(path, included_by=(), reads=None):
     """The flags in a recipe file: words as a shell splits them, '#' starting a comment, a line may end
-    in a shell's '\\'; an @FILE in it is read in place, relative to its folder. included_by: the
-    (recipe, line) that include this one."""
+    in a shell's '\\'; an unquoted @FILE in it is read in place, relative to its folder. included_by: the
+    (recipe, line) that include this one; reads: the files read so far for this command line."""
     where = f"recipe {path}"
     if included_by:
         where = f"recipe {included_by[-1][0]} line {included_by[-1][1]}: @{path}"
     if any(path.resolve() == including.resolve() for including, _ in included_by):
         raise InputError(f"{where} includes a recipe that includes it; remove the loop")
+    reads = [] if reads is None else reads
+    reads.append(path)
+    if len(reads) > MAX_RECIPE_READS or len(included_by) >= MAX_RECIPE_DEPTH:
+        raise InputError(f"{where}: {len(reads)} recipe files read, {len(included_by)} includes deep "
+                         f"(at most {MAX_RECIPE_READS} and {MAX_RECIPE_DEPTH}: includes that multiply?); "
+                         f"simplify them")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -88,11 +107,13 @@ def read_recipe(path, included_by=()):
         line = line[:-1] if line.endswith("\\") else line  # a continued line: the next one's words follow
         try:
             words = shlex.split(line, comments=True)
+            as_written = shlex.split(line, comments=True, posix=False)  # quotes kept: "@x" is a value
         except ValueError as e:
             raise InputError(f"recipe {path} line {number}: {e} (a quote left open?)") from None
-        for word in words:
-            if word.startswith("@"):
-                flags += read_recipe(path.parent / word[1:], included_by + ((path, number),))
+        unquoted = as_written if len(as_written) == len(words) else words
+        for word, written in zip(words, unquoted):
+            if written.startswith("@"):
+                flags += read_recipe(path.parent / word[1:], included_by + ((path, number),), reads)
             else:
                 flags.append(word)
     return flags
@@ -118,12 +139,14 @@ def build_parser():
     g.add_argument("--rnn-layers", type=positive, default=m.rnn_layers)
     g.add_argument("--rnn-hidden", type=positive, default=m.rnn_hidden, help="GRU units per direction")
     g.add_argument("--dropout", type=in_range(float, 0, 1), default=m.dropout)
-    g.add_argument("--norm-range-db", type=in_range(float, 0), default=m.norm_range_db, help="normalize "
-                   "features by the frames within this many dB of the reference level (0: every frame)")
+    g.add_argument("--norm-range-db", type=in_range(float, 10, or_off=True), default=m.norm_range_db,
+                   help="normalize features by the frames within this many dB of the reference level "
+                   "(0: every frame)")
     g.add_argument("--reference-ms", type=in_range(int, 10, 1000), default=m.reference_ms, help="the "
                    "reference level: what each utterance's loudest this long reach (10: its loudest frame)")
-    g.add_argument("--floor-db", type=in_range(float, 0), default=m.floor_db, help="each mel bin's floor, "
-                   "this far below the reference (0: an absolute 1e-6, which quiet recordings' bands sit on)")
+    g.add_argument("--floor-db", type=in_range(float, 20, or_off=True), default=m.floor_db, help="each mel "
+                   "bin's floor, this far below the reference (0: an absolute 1e-6, which quiet recordings' "
+                   "bands sit on)")
     g.add_argument("--alphabet", type=alphabet_flag, default="english", help="the symbols it writes besides "
                    "space: english (a-z, '), a file (UTF-8, one a line) or auto (the training transcripts')")
     g.add_argument("--speed-perturb", action=argparse.BooleanOptionalAction, default=m.speed_perturb,
@@ -342,9 +365,11 @@ def train(argv=None, model=None):
         torch.manual_seed(args.seed)
         model = (model or CTCModel(model_config(args))).to(device)
         if start:  # before the moving average copies the model
-            fresh = runs.load_matching(model, start)
+            fresh, new_symbols = runs.load_matching(model, start)
             log(f"init: {len(model.state_dict()) - len(fresh)} tensors from {args.init_from}; "
-                f"initialized afresh: {', '.join(fresh) or 'none'}")
+                f"initialized afresh: {', '.join(fresh) or 'none'}; output rows afresh for "
+                f"{len(new_symbols)} of {len(model.vocab)} symbols{': ' if new_symbols else ''}"
+                f"{' '.join(new_symbols[:40])}")
         train_set, dev_set = read_data(args, model, log)
         origin = checkpoint.get("started_from") if checkpoint else runs.started_from(args, start)
         identity = {"run_id": checkpoint["run_id"] if here else runs.new_run_id(),  # a branch is a new run
@@ -560,7 +585,9 @@ def evaluate_and_keep_best(run, progress, label, run_start, stop):
     (wer, cer), seconds = data.error_rates(refs, hyps), time.time() - started
     run.cer_history.append(cer)
     run.eval_seconds += seconds
-    run.log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s)  gradient norms {run.block_norms}")
+    run.interval.leave_out(seconds)
+    norms = f"  gradient norms {run.block_norms}" if run.block_norms else ""  # none for a final one
+    run.log(f"{label}: dev WER {wer:.2f}% CER {cer:.2f}% ({seconds:.1f} s){norms}")
     for ref, hyp in list(zip(refs, hyps))[-3:]:  # the longest: the shortest are often single words
         run.log(f"  ref: {ref}\n  hyp: {hyp}")
     warning = diagnose(hyps, run.cer_history, progress.step, run.args.warmup_steps)
@@ -568,6 +595,7 @@ def evaluate_and_keep_best(run, progress, label, run_start, stop):
         run.log(f"warning: {warning}")
     run.write_metrics({"epoch": progress.epoch, "step": progress.step, "dev_wer": wer, "dev_cer": cer,
                        "grad_norms": run.block_norms, "warning": warning, "eval_seconds": seconds}, run_start)
+    run.block_norms = {}  # measured for this evaluation only
     if (wer, cer) < (progress.best_wer, progress.best_cer):  # a tie in WER goes to the better CER
         progress.best_wer, progress.best_cer = wer, cer
         run.save("best.pt", progress, rng)
