@@ -41,6 +41,13 @@ PUBLISHED_MD5 = {
     "dev-clean-2": (31, "6d7ab67ac6a1d2c993d050e16d61080d"),
 }
 
+# Utterances in each corpus as published, and the file a finished download leaves in its folder: a folder
+# with fewer (a copy cut short, one speaker copied) is not taken for the corpus.
+UTTERANCES = {"dev-clean": 2703, "dev-other": 2864, "test-clean": 2620, "test-other": 2939,
+              "train-clean-100": 28539, "train-clean-360": 104014, "train-other-500": 148688,
+              "train-clean-5": 1519, "dev-clean-2": 1089, "an4": 1078}
+FINISHED = ".downloaded"
+
 AN4_MIRROR = "http://www.speech.cs.cmu.edu/databases/an4"
 AN4_ARCHIVE = "an4_raw.bigendian.tar.gz"
 AN4_SAMPLE_RATE = 16000  # the .raw files are headerless 16-bit big-endian mono PCM at 16 kHz
@@ -121,20 +128,27 @@ def check_place(folder):
                             f"another --root. Nothing was downloaded.")
 
 
-def already_there(final, pattern):
+def already_there(final, pattern, utterances):
     """True if final is a finished download (a folder holding pattern, each transcript line's .flac
-    beside it); False if it is absent or an empty folder (replaced); DownloadError, before any
-    download, if it is something else."""
+    beside it, and all the corpus's utterances: this script's mark of a finished download, or as many as
+    the published corpus has); False if it is absent or an empty folder (replaced); DownloadError, before
+    any download, if it is something else."""
     check_place(final)
     transcripts = list(final.rglob(pattern)) if final.is_dir() else []
+    listed = 0
     for trans in transcripts:
         ids = [line.split()[0] for line in trans.read_text(errors="replace").splitlines() if line.strip()]
         missing = [i for i in ids if not (trans.parent / f"{i}.flac").exists()]
+        listed += len(ids)
         if missing:
             raise DownloadError(f"{final} is not a finished download: {trans} lists {len(missing)} "
                                 f"utterances whose .flac is not beside it (e.g. {missing[0]}; a copy cut "
                                 f"short?). Move it away or finish the copy, or pick another --root. Nothing "
                                 f"was downloaded.")
+    if transcripts and not (final / FINISHED).exists() and listed != utterances:
+        raise DownloadError(f"{final} is not a finished download: it holds {listed:,} utterances of the "
+                            f"corpus's {utterances:,} (a copy cut short, or some folders only?). Move it away "
+                            f"or finish the copy, or pick another --root. Nothing was downloaded.")
     if transcripts:
         return True
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):
@@ -168,7 +182,7 @@ def download_librispeech(subsets, root, base_url=None):
         resource, md5 = PUBLISHED_MD5[subset]
         url = f"{base_url or f'{OPENSLR}/{resource}'}/{subset}.tar.gz"
         final = root / "LibriSpeech" / subset
-        if already_there(final, "*.trans.txt"):
+        if already_there(final, "*.trans.txt", UTTERANCES[subset]):
             print(f"{final} is already there; skipping {subset}", file=sys.stderr)
             continue
         archive = root / f"{subset}.tar.gz.part"
@@ -193,6 +207,7 @@ def download_librispeech(subsets, root, base_url=None):
                 item.rename(final.parent / item.name)
         shutil.rmtree(staging)
         archive.unlink()
+        (final / FINISHED).touch()
         print(f"{final}: ready", file=sys.stderr)
 
 
@@ -282,7 +297,7 @@ def convert_an4(source, target):
 def download_an4(root, base_url):
     """Fetch AN4, check it, and write root/AN4/{train,dev,test} as 16 kHz FLAC + .trans.txt."""
     final = root / "AN4"
-    if already_there(final, "*.trans.txt"):
+    if already_there(final, "*.trans.txt", UTTERANCES["an4"]):
         print(f"{final} is already there; skipping an4", file=sys.stderr)
         return
     archive = root / f"{AN4_ARCHIVE}.part"
@@ -307,6 +322,7 @@ def download_an4(root, base_url):
     if final.is_dir():
         final.rmdir()  # already_there() found it empty
     (written / "AN4").rename(final)
+    (final / FINISHED).touch()
     for leftover in (extracted, written):
         shutil.rmtree(leftover)
     archive.unlink()

@@ -1041,6 +1041,14 @@ def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():
 
 
 # ----------------------------------------------------------- train.py: Ctrl-C, SIGTERM, time limits
+def test_sigterm_before_the_first_step_says_nothing_was_trained():
+    script = ("import os, signal, train\n"
+              "train.train = lambda argv: os.kill(os.getpid(), signal.SIGTERM)  # while reading the data\n"
+              "train.main([])\n")
+    done = run_script("-c", script)
+    assert done.returncode == 1 and "interrupted while starting" in done.stderr, (done.returncode, done.stderr)
+
+
 def test_ctrl_c_saves_last_checkpoint_and_prints_the_resume_command(tmp_path):
     train_dir, dev_dir = make_corpus(tmp_path, 200, 3)
     process = subprocess.Popen(

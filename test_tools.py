@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -181,6 +182,10 @@ def test_download_an4_writes_librispeech_layout_splits_by_speaker_and_resumes(tm
             assert u["seconds"] == pytest.approx(len(samples[u["id"]]) / 16000)
     again = run_script("download.py", *command)
     assert again.returncode == 0 and "already there" in again.stderr
+    # A copy of part of it (its train/ alone, without the download's mark) is not taken for AN4.
+    shutil.copytree(tmp_path / "root/AN4/train", tmp_path / "copy/AN4/train")
+    partial = run_script("download.py", "an4", "--root", tmp_path / "copy", "--base-url", server.url)
+    assert partial.returncode == 1 and "holds 3 utterances of the corpus's 1,078" in partial.stderr
 
 
 def test_a_truncated_an4_archive_is_removed_and_nothing_is_half_written(tmp_path, monkeypatch):

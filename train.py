@@ -645,6 +645,7 @@ def main(argv=None):
     torchrun the other ranks meet the same error: rank 0 alone prints it."""
     main_rank = launched()[0] == 0
     runs.utf8_output()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill while starting is told, as Ctrl-C is
     try:
         train(argv)
     except InputError as e:
