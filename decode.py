@@ -40,7 +40,7 @@ from model import (BLANK, ENGLISH, FRAMES_PER_SECOND, HOP, SAMPLE_RATE, SPACE, V
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
 PROGRESS_SECONDS = 30  # how often the progress line is written when stderr is not a terminal
-WINDOW_BATCHES = 32   # inputs are sorted by length this many batches at a time, then written in order
+WINDOW_BATCHES = 32   # inputs are sorted by length up to this many batches at a time, then written in order
 # Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
 BEAM_DEFAULTS = {"beam_size": 100, "lm_weight": 1.5, "word_score": 0.5}
 KENLM_MAX_ORDER = 6  # flashlight-text's KenLM is built with the default KENLM_MAX_ORDER
@@ -297,18 +297,19 @@ class Inputs(torch.utils.data.Dataset):
 
 def decode_in_order(model, paths, seconds, device, args, spans, progress):
     """(input index, text, words, problem) for every input, in input order, as each window of
-    consecutive inputs is done. Workers read the audio while the model decodes; within a window
-    the inputs are batched by length (seconds: each input's, 0 where unknown). Memory does not grow
-    with the number of inputs. progress (a ProgressLine) advances as each batch is decoded. On Ctrl-C
-    the inputs decoded but held back for their order come first, out of order, then the interrupt."""
-    batches, start = [], 0
-    while start < len(paths):  # a window: about WINDOW_BATCHES batches of consecutive inputs
-        end = start + 1
-        while end < len(paths) and sum(seconds[start:end + 1]) <= WINDOW_BATCHES * args.batch_seconds:
-            end += 1
+    consecutive inputs is done (the first of one batch, each next twice as long, up to WINDOW_BATCHES).
+    Workers read the audio while the model decodes; within a window the inputs are batched by length
+    (seconds: each input's, 0 where unknown). Memory does not grow with the number of inputs. progress (a
+    ProgressLine) advances as each batch is decoded. On Ctrl-C the inputs decoded but held back for their
+    order come first, out of order, then the interrupt."""
+    batches, start, size = [], 0, 1
+    while start < len(paths):  # a window: about size batches of consecutive inputs
+        end, total = start + 1, seconds[start]
+        while end < len(paths) and total + seconds[end] <= size * args.batch_seconds:
+            total, end = total + seconds[end], end + 1
         window = data.BucketBatches(seconds[start:end], args.batch_seconds, shuffle=False).batches
         batches += [[start + i for i in batch] for batch in window]
-        start = end
+        start, size = end, min(2 * size, WINDOW_BATCHES)  # the first transcripts come out soon
     loader = torch.utils.data.DataLoader(Inputs(paths, args.pause), batch_sampler=batches, collate_fn=list,
                                          num_workers=args.workers, worker_init_fn=runs.ignore_signals)
     done, next_index = {}, 0

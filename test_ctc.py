@@ -1587,6 +1587,26 @@ def test_decode_timestamps_are_json_lines_in_input_order_for_a_single_file_too(t
     assert one.returncode == 0 and json.loads(one.stdout)["id"] == "short"
 
 
+def test_decode_writes_its_first_transcript_after_one_batch_not_a_window_of_them(tmp_path, monkeypatch):
+    decoded = []  # batch sizes, as each batch is decoded
+
+    def transcribe(model, waves, *rest):
+        decoded.append(len(waves))
+        return [("x", [])] * len(waves)
+    monkeypatch.setattr(decode, "transcribe", transcribe)
+    paths = []
+    for i in range(200):
+        paths.append(tmp_path / f"{i}.wav")
+        soundfile.write(paths[-1], tones("ab"), 16000)
+    seconds = [len(tones("ab")) / 16000] * len(paths)
+    args = argparse.Namespace(batch_seconds=2 * seconds[0], chunk_seconds=30.0, workers=0, pause=0.0,
+                              bf16=False)
+    results = decode.decode_in_order(None, [str(p) for p in paths], seconds, torch.device("cpu"), args, None,
+                                     decode.ProgressLine(seconds, quiet=True))
+    assert next(results)[0] == 0 and decoded == [2]  # the first two, then it is written
+    assert [i for i, *_ in results] == list(range(1, 200)) and sum(decoded) == 200
+
+
 def test_silence_and_near_silence_decode_to_nothing_greedy_or_beam(tmp_path):
     rng = np.random.default_rng(0)
     dither = torch.from_numpy((rng.random(40 * 16000) - rng.random(40 * 16000)) / 32768).float()  # -98 dBFS
