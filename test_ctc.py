@@ -765,7 +765,7 @@ def test_resume_refuses_a_checkpoint_of_an_older_train_py_or_a_foreign_pickle(tm
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(InputError) as older:
         train.train(["--resume", str(tmp_path / "old.pt"), "--run-dir", str(tmp_path / "branch")])
-    assert "older train.py, before --max-minutes existed" in str(older.value)
+    assert "older train.py, before --max-minutes existed" in str(older.value) and "--init-from" in str(older.value)
     assert not (tmp_path / "branch").exists()
     torch.save({"config": argparse.Namespace(lr=1)}, tmp_path / "pickle.pt")  # runs code when unpickled
     for command in (lambda: train.train(["--resume", str(tmp_path / "pickle.pt")]),
@@ -1024,6 +1024,36 @@ def test_an_empty_checkpoint_or_run_folder_flag_is_refused_not_read_as_absent(tm
     with pytest.raises(SystemExit):
         decode.main(["", str(tmp_path)])
     assert "an empty path" in capsys.readouterr().err
+
+
+def test_round_6_mistakes_are_named_for_what_they_are(tmp_path, trained_once, capsys):
+    soundfile.write(tmp_path / "a.flac", tones("ab"), 16000)
+    with pytest.raises(InputError, match="is an audio file, not a corpus"):
+        data.alphabet_of(tmp_path / "a.flac")  # --alphabet auto --data a.flac
+    with pytest.raises(lm.DownloadError, match="auto is train.py's"):
+        lm.model_alphabet("auto")
+    shutil.copy(trained_once / "run/last.pt", tmp_path / "best.pth")  # a checkpoint by its content
+    assert lm.model_alphabet(str(tmp_path / "best.pth")) == ENGLISH
+    (tmp_path / "tr.txt").write_text("a\nİ\n", encoding="utf-8")
+    with pytest.raises(InputError, match="write 'i'"):
+        data.read_alphabet(tmp_path / "tr.txt")
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--norm-range-db", "1e-9"])
+    assert "(or 0: off)" in capsys.readouterr().err
+    symbols = "".join(chr(0x4E00 + i) for i in range(3000))  # a logographic script's transcripts
+    (tmp_path / "cjk.tsv").write_text("".join(f"{i}.flac\t{symbols[i:i + 30]}\n" for i in range(0, 3000, 10)),
+                                      encoding="utf-8")
+    lines = []
+    assert len(data.alphabet_of(tmp_path / "cjk.tsv", lines.append)) == 3000
+    assert sum(map(len, lines)) < 5000 and "the 200 commonest" in lines[0]
+    assert "not written yet" in runs.diverged_message(argparse.Namespace(lr=1.0), tmp_path, 1, 21)
+    interval = health.LogInterval(torch.device("cpu"))
+    interval.count("not finite", 3.0)
+    assert "loss nan" in interval.report(0, 5, 10, 1e-3, 60)[0]  # no finite step, not a loss of 0
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/last.pt.4242.tmp").write_bytes(bytes(100))  # a save killed midway
+    runs.claim_run_dir(argparse.Namespace(run_dir=str(tmp_path / "run")), False).close()
+    assert not (tmp_path / "run/last.pt.4242.tmp").exists()
 
 
 def test_diagnose_names_a_stuck_run_and_stays_quiet_on_a_healthy_one():
