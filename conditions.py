@@ -1,5 +1,6 @@
 """Copies of a corpus under a recording condition, to see what it costs a model: quieter or louder
-(clipped), a pause around each utterance, a click or a door slam in it. Writes 24-bit FLAC files and
+(clipped), a pause around each utterance, a click or a door slam in it, or a folder's utterances joined
+into one long recording. Writes 24-bit FLAC files and
 a manifest (audio path<TAB>transcript) that decode.py and train.py read; nothing is changed in place.
 
     python conditions.py AN4/test AN4/test-quiet50 --gain-db -50           # a far, quiet microphone
@@ -7,6 +8,7 @@ a manifest (audio path<TAB>transcript) that decode.py and train.py read; nothing
     python conditions.py AN4/test AN4/test-pause2 --pause 2 --floor-dbfs -80   # 2 s of a noise floor
     python conditions.py AN4/test AN4/test-click --speech-dbfs -45 --click-dbfs 0   # a 20 ms burst
     python conditions.py AN4/test AN4/test-slam --speech-dbfs -26 --slam-dbfs 0     # a decaying knock
+    python conditions.py AN4/test AN4/test-joined --join 0.3       # each speaker's utterances in one file
     python decode.py runs/<run>/best.pt AN4/test-quiet50/list.tsv
 
 Levels are dBFS: a signal's RMS for --speech-dbfs and --floor-dbfs, a burst's peak for --click-dbfs
@@ -33,6 +35,17 @@ def burst(rng, seconds, peak_dbfs, decay_seconds=None):
     if decay_seconds:
         noise *= np.exp(-np.arange(len(noise)) / (decay_seconds * data.SAMPLE_RATE))
     return noise / np.abs(noise).max() * dbfs(peak_dbfs)
+
+
+def room_tone(wave, seconds):
+    """The quietest stretch of this many seconds of a recording (none for 0 or None): the pause that joins it
+    to the next one."""
+    length = int((seconds or 0) * data.SAMPLE_RATE)
+    if not length or length >= len(wave):
+        return wave[:0]
+    power = np.convolve(wave ** 2, np.ones(length), mode="valid")
+    start = int(power[::data.HOP].argmin()) * data.HOP
+    return wave[start:start + length]
 
 
 def apply(wave, args, rng):
@@ -65,6 +78,8 @@ def main(argv=None):
     p.add_argument("--click-dbfs", type=float, help="add a burst of white noise with this peak")
     p.add_argument("--click-ms", type=float, default=20.0)
     p.add_argument("--slam-dbfs", type=float, help="add a knock: noise with this peak, decaying in 0.1 s")
+    p.add_argument("--join", type=float, metavar="SECONDS", help="join each folder's utterances into one "
+                   "recording, each followed by its quietest this many seconds")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -74,16 +89,23 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except FileExistsError:
         sys.exit(f"error: {args.out} exists; name a new folder")
-    lines = []
+    groups = {}  # with --join, a folder's utterances (an AN4 speaker's, a LibriSpeech chapter's) in order
     for u in corpus:
-        wave, problem = data.load_usable_audio(u["path"])
-        if problem:
-            print(f"warning: skipping {u['path']}: {problem}", file=sys.stderr)
+        groups.setdefault(str(Path(u["path"]).parent) if args.join is not None else u["id"], []).append(u)
+    lines = []
+    for group in groups.values():
+        waves = [data.load_usable_audio(u["path"])[0] for u in group]
+        kept = [(u, wave.double().numpy()) for u, wave in zip(group, waves) if wave is not None]
+        if not kept:
             continue
-        rng = np.random.default_rng([args.seed, zlib.crc32(u["id"].encode())])
-        soundfile.write(args.out / f"{u['id']}.flac", apply(wave.double().numpy(), args, rng),
-                        data.SAMPLE_RATE, subtype="PCM_24")
-        lines.append(f"{u['id']}.flac\t{u['text']}\n")
+        utt_id, text = kept[0][0]["id"], " ".join(u["text"] for u, _ in kept)
+        if args.join is not None:
+            utt_id = f"{utt_id}-joined{len(kept)}"
+        wave = np.concatenate([part for _, w in kept for part in (w, room_tone(w, args.join))])
+        rng = np.random.default_rng([args.seed, zlib.crc32(utt_id.encode())])
+        soundfile.write(args.out / f"{utt_id}.flac", apply(wave, args, rng), data.SAMPLE_RATE,
+                        subtype="PCM_24")
+        lines.append(f"{utt_id}.flac\t{text}\n")
     (args.out / "list.tsv").write_text("".join(lines), encoding="utf-8")
     print(f"{args.out}/list.tsv: {len(lines)} utterances", file=sys.stderr)
 

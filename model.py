@@ -45,6 +45,7 @@ TIME_STRIDES = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2)}
 FREQ_STRIDE = 2                      # each conv layer halves the mel axis as well
 WARP_KNOTS = 4                       # frequency warp factors at ~0, 0.9, 3 and 8 kHz (80 mels)
 SPEEDS = (0.9, 1.0, 1.1)             # speed perturbation's factors (Ko et al. 2015)
+LOUDER_DB = 20                       # frames this far above the reference level are not speech: a knock
 
 
 @dataclass
@@ -185,7 +186,10 @@ class CTCModel(nn.Module):
             x = torch.log(power + floor).transpose(1, 2)
         counted = real
         if self.config.norm_range_db:
-            counted = real & (level >= reference - self.config.norm_range_db)
+            # Nor a click or a knock far louder than the words, with the frames whose windows reach into it
+            # (none is in a model trained before reference_ms: nothing is louder than its reference).
+            knock = F.max_pool1d((level > reference + LOUDER_DB).float()[:, None], 5, 1, 2)[:, 0] > 0
+            counted = real & (level >= reference - self.config.norm_range_db) & ~knock
         counted = counted[:, :, None]
         count = counted.sum(1, keepdim=True).clamp(min=1)
         mean = (x * counted).sum(1, keepdim=True) / count

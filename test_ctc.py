@@ -94,6 +94,34 @@ def test_a_pause_around_the_words_leaves_their_features_with_norm_range_db():
         assert moved[0.0].mean() > 0.3 and moved[40.0].max() < 0.01
 
 
+def test_the_features_of_a_recording_and_of_it_50_db_quieter_are_equal():
+    """The floor sits below each recording's own reference level: an absolute one (the older models')
+    flattened a quiet microphone's quieter bands."""
+    rng = np.random.default_rng(0)
+    words = torch.from_numpy(tones("abcabcjihg") + rng.standard_normal(len(tones("abcabcjihg"))) * 1e-3).float()
+    for config, equal in ((ModelConfig(), True), (ModelConfig(reference_ms=10, floor_db=0.0), False)):
+        model = CTCModel(config)
+        loud, quiet = (model.features(w[None], torch.tensor([len(words)]))[0] for w in (words, 0.003 * words))
+        assert torch.allclose(loud, quiet, atol=1e-3) == equal, config
+
+
+def test_a_click_far_louder_than_the_words_leaves_their_features():
+    """A 20 ms burst at full scale before words at -45 dBFS: with the loudest frame as the reference, only
+    the click's frames were counted and the words were scaled by them."""
+    words = torch.from_numpy(tones("abcabcjihg"))
+    words = words / words.square().mean().sqrt() * 10 ** (-45 / 20)
+    burst = torch.from_numpy(np.random.default_rng(0).standard_normal(320).astype(np.float32))
+    clicked = torch.cat([torch.zeros(8000), words])
+    clicked[2000:2320] += burst / burst.abs().max()
+    plain = torch.cat([torch.zeros(8000), words])
+    moved = {}
+    for reference_ms in (10, 100):
+        model = CTCModel(ModelConfig(reference_ms=reference_ms))
+        with_click, without = (model.features(w[None], torch.tensor([len(w)]))[0][0, 52:] for w in (clicked, plain))
+        moved[reference_ms] = (with_click - without).abs().mean()
+    assert moved[10] > 0.3 and moved[100] < 0.01
+
+
 def test_spec_augment_only_in_training():
     """SpecAugment's masks alone (no warp, dropout or speed) change the training forward, never evaluation's,
     and they zero whole mel bands and time spans within their widths; without them training computes what
@@ -448,14 +476,16 @@ def test_batches_are_split_across_ranks_without_duplicates():
 
 # ----------------------------------------------------- runs.py: the run folder, checkpoints, resume
 def test_a_checkpoint_from_before_alphabets_and_norm_range_db_decodes_as_it_did(tmp_path):
-    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2, norm_range_db=0.0)).eval()
+    model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2, norm_range_db=0.0,
+                                 reference_ms=10, floor_db=0.0)).eval()
     old = model_checkpoint(model)
-    for key in ("alphabet", "norm_range_db"):
+    for key in ("alphabet", "norm_range_db", "reference_ms", "floor_db"):
         del old["model_config"][key]
     old["model_config"]["vocab_size"] = len(data.VOCAB)
     runs.save_checkpoint(old, tmp_path / "old.pt")
     rebuilt, _ = build_from_checkpoint(tmp_path / "old.pt")
     assert (rebuilt.config.alphabet, rebuilt.config.norm_range_db) == (ENGLISH, 0.0)
+    assert (rebuilt.config.reference_ms, rebuilt.config.floor_db) == (10, 0.0)  # the features it trained on
     assert rebuilt.vocab == data.VOCAB
     waves = torch.from_numpy(tones("abcab"))[None]
     torch.testing.assert_close(rebuilt.eval()(waves, torch.tensor([waves.shape[1]]))[0],
