@@ -1621,14 +1621,30 @@ def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_pa
                                                                                  10, 1.0, 0.0))
     frame = 1 / 25
     cpu = torch.device("cpu")
-    results = {(chunk, name): decode.transcribe(LoudnessModel(), [wave], cpu, 100, chunk, spans)[0]
-               for chunk in (60.0, 7.0) for name, spans in (("greedy", greedy_spans), ("beam", beam))}
-    for (chunk, name), (text, words) in results.items():
-        assert text == "ab ab ab ab", (chunk, name)
+    results = {(chunk, longest, name): decode.transcribe(LoudnessModel(), [wave], cpu, 100, chunk, spans,
+                                                          longest=longest)[0]
+               for chunk, longest in ((60.0, None), (7.0, None), (60.0, 5.0))
+               for name, spans in (("greedy", greedy_spans), ("beam", beam))}
+    for key, (text, words) in results.items():
+        assert text == "ab ab ab ab", key
         for word, (start, end) in zip(words, spoken):
-            assert abs(word["start"] - start) <= frame, (chunk, name, word)
-            assert abs(word["end"] - end) <= frame, (chunk, name, word)
-    assert results[(60.0, "greedy")] == results[(7.0, "greedy")]  # chunked: times from the recording's start
+            assert abs(word["start"] - start) <= frame, (key, word)
+            assert abs(word["end"] - end) <= frame, (key, word)
+    # Chunked, or cut at its pauses (longer than longest, above): times from the recording's start.
+    assert results[(60.0, None, "greedy")] == results[(7.0, None, "greedy")]
+
+
+def test_a_recording_longer_than_the_models_utterances_is_cut_in_its_pauses_only():
+    words = torch.from_numpy(tones("abcabcjihg"))  # 1.4 s, its tones 30 ms apart: no pause
+    pause = torch.zeros(int(decode.PAUSE_SECONDS * 1.5 * data.SAMPLE_RATE))
+    short_pause = torch.zeros(int(decode.PAUSE_SECONDS * 0.5 * data.SAMPLE_RATE))
+    wave = torch.cat([words, pause, words, short_pause, words, pause, words])
+    pieces = decode.split_at_pauses(wave, longest=2.0)
+    middle = len(words) + len(pause) // 2
+    assert abs(len(pieces[0]) - middle) < 4 * data.HOP  # in the pause's middle, within 40 ms
+    assert len(pieces) == 3 and sum(map(len, pieces)) == len(wave)  # the short pause is left whole
+    assert decode.split_at_pauses(wave, longest=None) == [wave]
+    assert decode.split_at_pauses(wave, longest=len(wave) / data.SAMPLE_RATE) == [wave]  # not longer: whole
 
 
 def test_decode_timestamps_are_json_lines_in_input_order_for_a_single_file_too(tmp_path):
