@@ -645,7 +645,7 @@ def main(argv=None):
     torchrun the other ranks meet the same error: rank 0 alone prints it."""
     main_rank = launched()[0] == 0
     runs.utf8_output()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill while starting is told, as Ctrl-C is
+    kill_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # told while starting, as Ctrl-C
     try:
         train(argv)
     except InputError as e:
@@ -655,6 +655,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # the loop turns Ctrl-C into a stop; before it starts there is nothing to save
         sys.exit("error: interrupted while starting, before the first step: nothing was trained or saved"
                  if main_rank else 130)
+    finally:
+        signal.signal(signal.SIGTERM, kill_handler)  # given back to a caller in Python
 
 
 if __name__ == "__main__":
