@@ -147,8 +147,8 @@ def already_there(final, pattern, utterances):
                                 f"was downloaded.")
     if transcripts and not (final / FINISHED).exists() and listed != utterances:
         raise DownloadError(f"{final} is not a finished download: it holds {listed:,} utterances of the "
-                            f"corpus's {utterances:,} (a copy cut short, or some folders only?). Move it away "
-                            f"or finish the copy, or pick another --root. Nothing was downloaded.")
+                            f"corpus's {utterances:,} (a copy cut short, or some folders only?). Move it "
+                            f"away or finish the copy, or pick another --root. Nothing was downloaded.")
     if transcripts:
         return True
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):

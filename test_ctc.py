@@ -98,7 +98,8 @@ def test_the_features_of_a_recording_and_of_it_50_db_quieter_are_equal():
     """The floor sits below each recording's own reference level: an absolute one (the older models')
     flattened a quiet microphone's quieter bands."""
     rng = np.random.default_rng(0)
-    words = torch.from_numpy(tones("abcabcjihg") + rng.standard_normal(len(tones("abcabcjihg"))) * 1e-3).float()
+    clean = tones("abcabcjihg")
+    words = torch.from_numpy(clean + rng.standard_normal(len(clean)) * 1e-3).float()
     for config, equal in ((ModelConfig(), True), (ModelConfig(reference_ms=10, floor_db=0.0), False)):
         model = CTCModel(config)
         loud, quiet = (model.features(w[None], torch.tensor([len(words)]))[0] for w in (words, 0.003 * words))
@@ -117,7 +118,8 @@ def test_a_click_far_louder_than_the_words_leaves_their_features():
     moved = {}
     for reference_ms in (10, 100):
         model = CTCModel(ModelConfig(reference_ms=reference_ms))
-        with_click, without = (model.features(w[None], torch.tensor([len(w)]))[0][0, 52:] for w in (clicked, plain))
+        with_click, without = (model.features(w[None], torch.tensor([len(w)]))[0][0, 52:]
+                               for w in (clicked, plain))
         moved[reference_ms] = (with_click - without).abs().mean()
     assert moved[10] > 0.3 and moved[100] < 0.01
 
@@ -795,7 +797,8 @@ def test_resume_refuses_a_checkpoint_of_an_older_train_py_or_a_foreign_pickle(tm
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(InputError) as older:
         train.train(["--resume", str(tmp_path / "old.pt"), "--run-dir", str(tmp_path / "branch")])
-    assert "older train.py, before --max-minutes existed" in str(older.value) and "--init-from" in str(older.value)
+    assert "older train.py, before --max-minutes existed" in str(older.value)
+    assert "--init-from" in str(older.value)
     assert not (tmp_path / "branch").exists()
     torch.save({"config": argparse.Namespace(lr=1)}, tmp_path / "pickle.pt")  # runs code when unpickled
     for command in (lambda: train.train(["--resume", str(tmp_path / "pickle.pt")]),
@@ -1004,7 +1007,7 @@ def test_init_from_starts_a_new_run_from_a_model_which_resumes_like_any_other(tm
     for name, tensor in after["model"].items():
         if not name.startswith("output."):
             torch.testing.assert_close(tensor, before["model"][name])
-    rows = [before["vocab"].index(symbol) for symbol in after["vocab"]]  # a-j, blank and space: English's rows
+    rows = [before["vocab"].index(symbol) for symbol in after["vocab"]]  # a-j, blank, space: English's rows
     torch.testing.assert_close(after["model"]["output.weight"], before["model"]["output.weight"][rows])
     assert after["model"]["output.weight"].shape[0] == 12 and after["step"] == 1
     assert after["run_id"] != before["run_id"] and after["train_config"]["alphabet"] == "abcdefghij"
@@ -1106,7 +1109,7 @@ def test_sigterm_before_the_first_step_says_nothing_was_trained():
               "train.train = lambda argv: os.kill(os.getpid(), signal.SIGTERM)  # while reading the data\n"
               "train.main([])\n")
     done = run_script("-c", script)
-    assert done.returncode == 1 and "interrupted while starting" in done.stderr, (done.returncode, done.stderr)
+    assert done.returncode == 1 and "interrupted while starting" in done.stderr, done.stderr
 
 
 def test_ctrl_c_saves_last_checkpoint_and_prints_the_resume_command(tmp_path):
