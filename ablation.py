@@ -264,7 +264,7 @@ def inspect(model, dev_paths, samples=2):
             inside = lengths_mask(lengths.clamp(max=log_probs.shape[1]), log_probs.shape[1])
             blank += int(((log_probs.argmax(-1) == BLANK) & inside).sum())
             frames += int(inside.sum())
-            hyps += greedy_decode(log_probs, lengths)
+            hyps += greedy_decode(log_probs, lengths, model.vocab)
             refs, ids = refs + batch["texts"], ids + batch["ids"]
     for hook in hooks:
         hook.remove()

@@ -135,7 +135,7 @@ def letter_frames(*frames):
 def beam_texts(decoder, log_probs, lengths):
     """The beam search's transcripts, as decode.py prints them."""
     return [" ".join(w["word"] for w in decode.words_with_times(spans, 0.04))
-            for spans in decode.beam_search_spans(decoder, log_probs, lengths)]
+            for spans in decode.beam_search_spans(decoder, log_probs, lengths, data.VOCAB)]
 
 
 def train_one_rank(rank, flags, port, out_dir):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import data
 import runs
 from data import InputError
-from model import (BLANK, ENGLISH, FRAMES_PER_SECOND, HOP, SAMPLE_RATE, SPACE, VOCAB, WINDOW, greedy_spans,
+from model import (BLANK, ENGLISH, FRAMES_PER_SECOND, HOP, SAMPLE_RATE, SPACE, WINDOW, greedy_spans,
                    lengths_mask, vocabulary)
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
@@ -156,7 +156,7 @@ def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score, alphabet=EN
             raise InputError(f"{lm}: KenLM cannot load it: {' '.join(str(e).split())[:400]}") from None
 
 
-def beam_search_spans(decoder, log_probs, out_lengths, vocab=VOCAB):
+def beam_search_spans(decoder, log_probs, out_lengths, vocab):
     """Per utterance, the beam search's best transcript as [(symbol, frame, frame)], spelled in our
     letters (the lexicon spells each word so) at the frame where each letter is emitted."""
     # A word is complete only at a word boundary, and the model (trained on transcripts without a

@@ -277,7 +277,7 @@ class CTCModel(nn.Module):
 
 
 # ---------------------------------------------------------------- what the log-probs mean
-def greedy_spans(log_probs, out_lengths, vocab=VOCAB):
+def greedy_spans(log_probs, out_lengths, vocab):
     """Per utterance, the best path (argmax per frame, repeats collapsed, blanks dropped, up to
     each output length) as [(symbol, first frame, last frame)]. A letter repeated with a blank
     between ("l _ l") stays double."""
@@ -294,7 +294,7 @@ def greedy_spans(log_probs, out_lengths, vocab=VOCAB):
     return spans
 
 
-def greedy_decode(log_probs, out_lengths, vocab=VOCAB):
+def greedy_decode(log_probs, out_lengths, vocab):
     """The best path's text; doubled or leading spaces, which a best path can hold, squeezed."""
     paths = greedy_spans(log_probs, out_lengths, vocab)
     return [" ".join("".join(symbol for symbol, _, _ in spans).split()) for spans in paths]

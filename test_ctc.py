@@ -33,7 +33,7 @@ import lm
 import runs
 import train
 from data import InputError
-from model import BLANK, ENGLISH, TIME_STRIDES, CTCModel, ModelConfig, greedy_decode, greedy_spans
+from model import BLANK, ENGLISH, TIME_STRIDES, CTCModel, ModelConfig, greedy_decode, greedy_spans, vocabulary
 from runs import build_from_checkpoint, model_checkpoint
 
 from conftest import (HERE, TINY, tones, random_text, write_librispeech, run_script, make_corpus,
@@ -52,7 +52,7 @@ def test_greedy_collapses_repeats_but_keeps_a_double_letter_split_by_blank():
     h, e, l, o, b = (data.CHAR_TO_ID[c] for c in "helo_")
     frames = [[h, h, e, b, l, l, b, l, o, o, b], [l, b, l, l, o, b, b, b, b, h, h]]
     log_probs = torch.nn.functional.one_hot(torch.tensor(frames), len(data.VOCAB)).float().log()
-    assert greedy_decode(log_probs, torch.tensor([11, 5])) == ["hello", "llo"]
+    assert greedy_decode(log_probs, torch.tensor([11, 5]), data.VOCAB) == ["hello", "llo"]
 
 
 @pytest.mark.parametrize("stride", sorted(TIME_STRIDES))
@@ -1555,6 +1555,16 @@ def test_a_ten_minute_recording_is_decoded_in_chunks_cut_at_pauses():
     assert decode.transcribe(model, [torch.randn(300)], torch.device("cpu"), 120, 30.0) == [("", [])]
 
 
+def test_decoding_takes_the_models_symbols_never_english_by_default():
+    """A copier who decodes an xyz model without its symbols must get an error, not English's letters."""
+    log_probs = torch.full((1, 4, 5), -10.0)
+    log_probs[0, [0, 1, 2, 3], [2, 0, 3, 4]] = 0.0  # x _ y z
+    for decode_greedy in (greedy_decode, greedy_spans):
+        with pytest.raises(TypeError):
+            decode_greedy(log_probs, torch.tensor([4]))
+    assert greedy_decode(log_probs, torch.tensor([4]), vocabulary("xyz")) == ["xyz"]
+
+
 def test_a_lexicon_in_another_spelling_and_the_words_it_loses_are_told(tmp_path):
     (tmp_path / "words.txt").write_text("dog\ne-mail\ncat\n", encoding="utf-8")
     notes = []
@@ -1621,14 +1631,15 @@ def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_pa
     for start, end in spoken:
         wave[int(start * data.SAMPLE_RATE):int(end * data.SAMPLE_RATE)] = 0.5
     (tmp_path / "words.txt").write_text("ab\n")
+    english_greedy = functools.partial(greedy_spans, vocab=data.VOCAB)
     beam = functools.partial(decode.beam_search_spans, decode.build_beam_search(None, tmp_path / "words.txt",
-                                                                                 10, 1.0, 0.0))
+                                                                                 10, 1.0, 0.0), vocab=data.VOCAB)
     frame = 1 / 25
     cpu = torch.device("cpu")
     results = {(chunk, longest, name): decode.transcribe(LoudnessModel(), [wave], cpu, 100, chunk, spans,
                                                           longest=longest)[0]
                for chunk, longest in ((60.0, None), (7.0, None), (60.0, 5.0))
-               for name, spans in (("greedy", greedy_spans), ("beam", beam))}
+               for name, spans in (("greedy", english_greedy), ("beam", beam))}
     for key, (text, words) in results.items():
         assert text == "ab ab ab ab", key
         for word, (start, end) in zip(words, spoken):
@@ -1694,9 +1705,10 @@ def test_silence_and_near_silence_decode_to_nothing_greedy_or_beam(tmp_path):
     speech[3 * 16000:4 * 16000] += 0.3 * torch.sin(2 * math.pi * 300 * torch.arange(16000) / 16000)  # a word
     # at 3-4 s, then 36 s of the noise floor
     (tmp_path / "words.txt").write_text("ab\n")
+    english_greedy = functools.partial(greedy_spans, vocab=data.VOCAB)
     beam = functools.partial(decode.beam_search_spans, decode.build_beam_search(None, tmp_path / "words.txt",
-                                                                                 10, 1.0, 0.0))
-    for spans in (greedy_spans, beam):
+                                                                                 10, 1.0, 0.0), vocab=data.VOCAB)
+    for spans in (english_greedy, beam):
         texts = [text for text, _ in decode.transcribe(RelativeLoudnessModel(), [dither, speech, torch.zeros(
             16000)], torch.device("cpu"), 100, 10.0, spans)]
         assert texts == ["", "ab", ""]  # the noise floor's chunks give no words; the word is kept
@@ -1736,7 +1748,7 @@ def test_decode_interrupted_or_cut_off_by_head_ends_without_a_traceback(tmp_path
 def test_an_lm_fixes_a_spelling_the_acoustics_alone_get_wrong(tmp_path):
     log_probs = letter_frames({"c": 0.9}, {}, {"o": 0.5, "a": 0.4}, {}, {"t": 0.9})
     lengths = torch.tensor([log_probs.shape[1]])
-    assert greedy_decode(log_probs, lengths) == ["cot"]
+    assert greedy_decode(log_probs, lengths, data.VOCAB) == ["cot"]
     (tmp_path / "words.txt").write_text("cat\tc a t\ncot\tc o t\n")
     (tmp_path / "lm.arpa").write_text(tiny_arpa({"cat": -0.1, "cot": -2.0}))
     settings = {"beam_size": 10, "lm_weight": 1.0, "word_score": 0.0}
@@ -1755,7 +1767,7 @@ def test_lexicon_constrained_output_is_always_in_the_lexicon(tmp_path):
     decoder = decode.build_beam_search(None, tmp_path / "words.txt", 20, 1.0, 2.0)
     words = [w for text in beam_texts(decoder, log_probs, lengths) for w in text.split()]
     assert words and set(words) <= lexicon
-    greedy = {w for text in greedy_decode(log_probs, lengths) for w in text.split()}
+    greedy = {w for text in greedy_decode(log_probs, lengths, data.VOCAB) for w in text.split()}
     assert greedy - lexicon  # unconstrained, the same frames spell other words
 
 
@@ -1829,7 +1841,7 @@ refs, hyps = [], []
 with torch.no_grad():
     for batch in loader:
         refs += batch["texts"]
-        hyps += model.greedy_decode(*net(batch["waves"], batch["wave_lengths"]))
+        hyps += model.greedy_decode(*net(batch["waves"], batch["wave_lengths"]), net.vocab)
 wer, cer = data.error_rates(refs, hyps)
 print(f"steps {2 * len(batches)} loss {float(loss):.3f} WER {wer:.2f} CER {cer:.2f}")
 """
