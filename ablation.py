@@ -35,7 +35,7 @@ import data
 import runs
 import train
 from health import gradient_norms_by_block
-from model import (BLANK, TIME_STRIDES, VOCAB, BiGRULayer, CTCModel, ModelConfig, frame_lengths,
+from model import (BLANK, ENGLISH, TIME_STRIDES, VOCAB, BiGRULayer, CTCModel, ModelConfig, frame_lengths,
                    greedy_decode, lengths_mask)
 
 # The AN4 recipe: its file, wherever this script is run from.
@@ -246,7 +246,7 @@ def inspect(model, dev_paths, samples=2):
     standard deviation, the gradient norm of each block on one dev batch, and the greedy output
     of the `samples` longest utterances."""
     utterances = data.read_corpus(dev_paths, log=lambda message: None)
-    dataset = data.AudioDataset(utterances)
+    dataset = data.AudioDataset(utterances, ENGLISH)
     batches = data.BucketBatches([u["seconds"] for u in utterances], 100, shuffle=False)
     sums = torch.zeros(len(model.layers), 3, dtype=torch.float64)   # per layer: n, sum, sum of squares
 

@@ -4,7 +4,7 @@
     corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])   # or one path
     corpus = filter_trainable(corpus, max_seconds=30, output_frames=model.output_lengths)
     batches = BucketBatches([u["seconds"] for u in corpus], batch_seconds=800, seed=0)
-    loader = batch_loader(corpus, batches, workers=2, pin_memory=False)   # padded batches
+    loader = batch_loader(corpus, batches, ENGLISH, workers=2, pin_memory=False)   # model.config.alphabet
     for epoch in range(epochs):
         batches.set_epoch(epoch)                  # else every epoch repeats epoch 0's order
         for batch in loader: ...                  # a None batch: every file in it was unusable
@@ -114,7 +114,7 @@ def lowercase(text, turkish, separators=SEPARATORS):
     return unicodedata.normalize("NFC", text.replace("İ", "i").lower().translate(separators))
 
 
-def encode(text, alphabet=ENGLISH):
+def encode(text, alphabet):
     ids = {c: i for i, c in enumerate(vocabulary(alphabet))}
     return [ids[c] for c in text]
 
@@ -488,7 +488,7 @@ class AudioDataset(torch.utils.data.Dataset):
     """Item i -> (waveform, token ids, text, id), or None when the file cannot be used;
     collate() drops those, so one bad file costs one utterance, not the run."""
 
-    def __init__(self, utterances, alphabet=ENGLISH):
+    def __init__(self, utterances, alphabet):
         self.utterances, self.alphabet = utterances, alphabet
 
     def __len__(self):
@@ -520,9 +520,10 @@ def collate(items):
 
 
 # --------------------------------------------------------------------------------- batches
-def batch_loader(utterances, batches, workers, pin_memory, worker_init_fn=None, alphabet=ENGLISH):
-    """Padded batches (collate) of utterances, batches: a BucketBatches, read by workers processes. It
-    has its own generator: a loader must not draw from the global RNG, or a resume would shift it."""
+def batch_loader(utterances, batches, alphabet, workers, pin_memory, worker_init_fn=None):
+    """Padded batches (collate) of utterances, batches: a BucketBatches, their targets in the model's
+    alphabet, read by workers processes. It has its own generator: a loader must not draw from the global
+    RNG, or a resume would shift it."""
     return torch.utils.data.DataLoader(
         AudioDataset(utterances, alphabet), batch_sampler=batches, collate_fn=collate, num_workers=workers,
         pin_memory=pin_memory, worker_init_fn=worker_init_fn, persistent_workers=workers > 0,

@@ -110,7 +110,7 @@ def read_lexicon(path):
     return [line.split()[0] for line in lines if line.strip()]
 
 
-def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score, alphabet=ENGLISH, note=print):
+def build_beam_search(lm, lexicon, beam_size, lm_weight, word_score, alphabet, note=print):
     """torchaudio's CTC beam search over the words of the lexicon (default: the LM's words), spelled in
     the model's alphabet. Every file is read and checked here, before any audio is decoded; note(message)
     tells of the words it leaves out and of a lexicon spelled in another alphabet."""

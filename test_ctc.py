@@ -196,7 +196,7 @@ def test_normalize_lowercases_and_counts_what_it_drops_and_folds():
     assert data.normalize("IT'S  Café-au-lait,\tno. 42!") == ("it's cafe au lait no", 5, 1)
     assert data.normalize("Don\u2019t") == ("don't", 0, 0)
     assert data.normalize("  ") == ("", 0, 0)
-    assert [data.VOCAB[i] for i in data.encode("it's a b")] == list("it's a b")
+    assert [data.VOCAB[i] for i in data.encode("it's a b", ENGLISH)] == list("it's a b")
 
 
 VIETNAMESE = ("aàáảãạăằắẳẵặâầấẩẫậbcdđeèéẻẽẹêềếểễệghiìíỉĩịklmnoòóỏõọôồốổỗộơờớởỡợpqrstuùúủũụưừứửữựvxy"
@@ -1633,7 +1633,8 @@ def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_pa
     (tmp_path / "words.txt").write_text("ab\n")
     english_greedy = functools.partial(greedy_spans, vocab=data.VOCAB)
     beam = functools.partial(decode.beam_search_spans, decode.build_beam_search(None, tmp_path / "words.txt",
-                                                                                 10, 1.0, 0.0), vocab=data.VOCAB)
+                                                                                 10, 1.0, 0.0, ENGLISH),
+                             vocab=data.VOCAB)
     frame = 1 / 25
     cpu = torch.device("cpu")
     results = {(chunk, longest, name): decode.transcribe(LoudnessModel(), [wave], cpu, 100, chunk, spans,
@@ -1707,7 +1708,8 @@ def test_silence_and_near_silence_decode_to_nothing_greedy_or_beam(tmp_path):
     (tmp_path / "words.txt").write_text("ab\n")
     english_greedy = functools.partial(greedy_spans, vocab=data.VOCAB)
     beam = functools.partial(decode.beam_search_spans, decode.build_beam_search(None, tmp_path / "words.txt",
-                                                                                 10, 1.0, 0.0), vocab=data.VOCAB)
+                                                                                 10, 1.0, 0.0, ENGLISH),
+                             vocab=data.VOCAB)
     for spans in (english_greedy, beam):
         texts = [text for text, _ in decode.transcribe(RelativeLoudnessModel(), [dither, speech, torch.zeros(
             16000)], torch.device("cpu"), 100, 10.0, spans)]
@@ -1752,9 +1754,9 @@ def test_an_lm_fixes_a_spelling_the_acoustics_alone_get_wrong(tmp_path):
     (tmp_path / "words.txt").write_text("cat\tc a t\ncot\tc o t\n")
     (tmp_path / "lm.arpa").write_text(tiny_arpa({"cat": -0.1, "cot": -2.0}))
     settings = {"beam_size": 10, "lm_weight": 1.0, "word_score": 0.0}
-    lexicon_only = decode.build_beam_search(None, tmp_path / "words.txt", **settings)
+    lexicon_only = decode.build_beam_search(None, tmp_path / "words.txt", alphabet=ENGLISH, **settings)
     assert beam_texts(lexicon_only, log_probs, lengths) == ["cot"]
-    with_lm = decode.build_beam_search(tmp_path / "lm.arpa", None, **settings)  # lexicon: the LM's words
+    with_lm = decode.build_beam_search(tmp_path / "lm.arpa", None, alphabet=ENGLISH, **settings)  # its words
     assert beam_texts(with_lm, log_probs, lengths) == ["cat"]
 
 
@@ -1764,7 +1766,7 @@ def test_lexicon_constrained_output_is_always_in_the_lexicon(tmp_path):
     lengths = torch.tensor([60, 55, 50, 40, 30, 20])
     lexicon = {"a", "bad", "cab", "it's", "dead"}
     (tmp_path / "words.txt").write_text("".join(f"{w}\n" for w in sorted(lexicon)))
-    decoder = decode.build_beam_search(None, tmp_path / "words.txt", 20, 1.0, 2.0)
+    decoder = decode.build_beam_search(None, tmp_path / "words.txt", 20, 1.0, 2.0, ENGLISH)
     words = [w for text in beam_texts(decoder, log_probs, lengths) for w in text.split()]
     assert words and set(words) <= lexicon
     greedy = {w for text in greedy_decode(log_probs, lengths, data.VOCAB) for w in text.split()}
@@ -1813,8 +1815,9 @@ def test_a_lexicon_or_lm_that_would_be_read_wrong_is_named(tmp_path):
              ("plain.arpa.gz", None, "not a complete gzip file"), ("bom.arpa", None, "byte-order mark")]
     for arpa, lexicon, problem in cases:
         with pytest.raises(InputError, match=problem):
-            decode.build_beam_search(arpa and tmp_path / arpa, lexicon and tmp_path / lexicon, 10, 1.0, 0.0)
-    decode.build_beam_search(tmp_path / "upper.arpa", None, 10, 1.0, 0.0)  # the LM's own words: fine
+            decode.build_beam_search(arpa and tmp_path / arpa, lexicon and tmp_path / lexicon, 10, 1.0, 0.0,
+                                     ENGLISH)
+    decode.build_beam_search(tmp_path / "upper.arpa", None, 10, 1.0, 0.0, ENGLISH)  # the LM's own words
 
 
 # --------------------------------------------------------------- recipes/ and the README's commands
@@ -1824,7 +1827,7 @@ import data, model
 assert {"data", "model"} <= set(sys.modules) and not {"runs", "train", "decode"} & set(sys.modules)
 corpus = data.read_corpus([sys.argv[1]], log=lambda line: None)
 batches = data.BucketBatches([u["seconds"] for u in corpus], batch_seconds=8, seed=0)
-loader = data.batch_loader(corpus, batches, workers=0, pin_memory=False)
+loader = data.batch_loader(corpus, batches, model.ENGLISH, workers=0, pin_memory=False)
 net = model.CTCModel(model.ModelConfig(rnn_layers=1, rnn_hidden=16, conv_channels=4, freq_masks=0,
                                        time_masks=0, freq_warp=0.0))
 optimizer, ctc = torch.optim.AdamW(net.parameters(), lr=3e-3), torch.nn.CTCLoss(blank=model.BLANK)

@@ -32,7 +32,7 @@ import plot
 import runs
 import train
 from data import InputError
-from model import TIME_STRIDES, CTCModel
+from model import ENGLISH, TIME_STRIDES, CTCModel
 from runs import model_checkpoint
 
 from conftest import (HERE, tones, write_librispeech, run_script, make_corpus, read_arpa, arpa_log10,
@@ -380,7 +380,7 @@ def test_lm_librispeech_checks_sizes_and_sha256_resumes_and_keeps_files_as_publi
                                                         "librispeech-lexicon.txt"]
     assert decode.read_lm_words(folder / "3-gram.pruned.1e-7.arpa.gz") == ["HELLO"]
     assert decode.read_lexicon(folder / "librispeech-lexicon.txt") == ["HELLO", "WORLD"]
-    decoder = decode.build_beam_search(folder / "3-gram.pruned.1e-7.arpa.gz", None, 5, 1.0, 0.0)
+    decoder = decode.build_beam_search(folder / "3-gram.pruned.1e-7.arpa.gz", None, 5, 1.0, 0.0, ENGLISH)
     log_probs = letter_frames(*({c: 0.9} if c != "_" else {} for c in "h_e_l_l_o"))
     assert beam_texts(decoder, log_probs, torch.tensor([9])) == ["hello"]  # our spelling
 

@@ -316,15 +316,15 @@ def build_loaders(args, train_set, dev_set, ranks, log):
             f"are left out of it")
     pin_memory = ranks.device.type == "cuda"
     dev_batches = data.BucketBatches([u["seconds"] for u in dev_set], args.batch_seconds, shuffle=False)
-    dev_loader = data.batch_loader(dev_set, dev_batches, args.workers, pin_memory, runs.ignore_signals,
-                                   args.alphabet)
+    dev_loader = data.batch_loader(dev_set, dev_batches, args.alphabet, args.workers, pin_memory,
+                                   runs.ignore_signals)
     if ranks.main:  # the rank that evaluates
         # Start the dev workers now, while this process is small: forked later from a process holding
         # the training's memory, they slowed the next steps (copy on write), 10 s on AN4 (RESULTS.md).
         with runs.signals_held():  # a Ctrl-C now ends the start cleanly, after the workers are up
             iter(dev_loader)
-    train_loader = data.batch_loader(train_set, sampler, args.workers, pin_memory, runs.ignore_signals,
-                                     args.alphabet)
+    train_loader = data.batch_loader(train_set, sampler, args.alphabet, args.workers, pin_memory,
+                                     runs.ignore_signals)
     return train_loader, sampler, dev_loader
 
 
