@@ -174,7 +174,7 @@ def build_parser():
                    "given) its alphabet; the rest is this run's")
     g.add_argument("--device", type=runs.device, default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; "
-                   "default: on for CUDA and CPUs with AVX512-BF16, off on other CPUs, which only emulate it")
+                   "default: on where the hardware computes it (GPUs from Ampere on, CPUs with AVX512-BF16)")
     g.add_argument("--log-every", type=positive, default=50)
     g.add_argument("--eval-every", type=positive, default=1000)
     g.add_argument("--save-every", type=positive, default=500)
