@@ -40,7 +40,7 @@ from model import (BLANK, ENGLISH, FRAMES_PER_SECOND, HOP, SAMPLE_RATE, SPACE, W
                    lengths_mask, vocabulary)
 
 SEARCH_SECONDS = 2.0  # how far back from a chunk's end to look for a pause to cut at
-PAUSE_SECONDS = 0.7   # a pause that ends a sentence: where recordings longer than the model's are cut
+PAUSE_SECONDS = 0.7   # a pause that ends a sentence: where recordings far longer than the model's are cut
 PROGRESS_SECONDS = 30  # how often the progress line is written when stderr is not a terminal
 WINDOW_BATCHES = 32   # inputs are sorted by length up to this many batches at a time, then written in order
 # Beam search settings, tuned on AN4's and the synthetic corpus's dev sets (README).
@@ -197,13 +197,14 @@ def words_with_times(spans, seconds_per_frame, offset=0.0):
     return words
 
 
-def split_at_pauses(wave, longest):
-    """A recording longer than longest seconds, cut in the middle of each pause of PAUSE_SECONDS or more:
-    50 ms levels below the midpoint (in dB) of its 5th and 95th percentile levels. A model trained on short
-    utterances reads a long recording worse than the same words one utterance at a time (its GRUs run far
-    past the lengths they learned; AN4 dev joined per speaker: +4 points): cut where a sentence ends,
-    each piece is such an utterance. longest None: the recording whole."""
-    if longest is None or len(wave) <= longest * SAMPLE_RATE:
+def split_at_pauses(wave, typical):
+    """A recording longer than four times typical seconds (the model's mean training utterance, about
+    twice its longest), cut in the middle of pauses of PAUSE_SECONDS or more (50 ms levels below the
+    midpoint, in dB, of its 5th and 95th percentile levels) into pieces of up to about typical seconds.
+    A model reads a recording far longer than its training utterances worse than the same words one
+    utterance at a time (its GRUs run past the lengths they learned): AN4 joined per speaker lost 4.6
+    points in 30 s chunks, 0.8 so. None: the recording whole."""
+    if typical is None or len(wave) <= 4 * typical * SAMPLE_RATE:
         return [wave]
     frames = wave[:len(wave) // HOP * HOP].reshape(-1, HOP).square().mean(1)
     level = 10 * torch.log10(frames.clamp(min=1e-20))
@@ -211,14 +212,17 @@ def split_at_pauses(wave, longest):
     low, high = torch.quantile(level, torch.tensor([0.05, 0.95]))
     quiet = (level < (low + high) / 2).float()
     span = round(PAUSE_SECONDS * FRAMES_PER_SECOND)
-    if len(quiet) < span:
-        return [wave]
     paused = F.avg_pool1d(quiet[None, None], span, 1)[0, 0] == 1  # frames i to i + span - 1 all quiet
     none = torch.zeros(1, dtype=torch.int)
     edges = torch.diff(paused.int(), prepend=none, append=none)
     starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0] + span - 1  # a pause's frames
-    cuts = [0, *(((starts + ends) // 2) * HOP).tolist(), len(wave)]
-    return [wave[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+    pauses = [0, *(((starts + ends) // 2) * HOP).tolist(), len(wave)]
+    cuts = [0]
+    for start, end in zip(pauses, pauses[1:]):  # a piece grows by the next until it would pass typical
+        if end - cuts[-1] > typical * SAMPLE_RATE and start > cuts[-1]:
+            cuts.append(start)
+    cuts.append(len(wave))
+    return [wave[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def split_chunks(wave, chunk_seconds):
@@ -273,18 +277,18 @@ def resolve_inputs(paths, alphabet):
 
 
 @torch.no_grad()
-def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=None, bf16=False, longest=None):
+def transcribe(model, waves, device, batch_seconds, chunk_seconds, spans=None, bf16=False, typical=None):
     """[(text, words with times)] for a list of 1-D waveforms, batched by length; spans(log_probs,
-    out_lengths) reads a batch's model output (default: greedy, in the model's symbols). A recording over
-    longest seconds is cut at its pauses (split_at_pauses), a piece over chunk_seconds into chunks; each
-    keeps its times from the recording's start."""
+    out_lengths) reads a batch's model output (default: greedy, in the model's symbols). A recording far
+    over typical seconds is cut at its pauses (split_at_pauses), a piece over chunk_seconds into chunks;
+    each keeps its times from the recording's start."""
     if spans is None:
         spans = functools.partial(greedy_spans, vocab=model.vocab)
     seconds_per_frame = model.config.time_stride / FRAMES_PER_SECOND
     pieces = []  # (recording, its first sample, samples)
     for i, wave in enumerate(waves):
         start = 0
-        parts = split_at_pauses(wave, longest)
+        parts = split_at_pauses(wave, typical)
         for piece in (chunk for part in parts for chunk in split_chunks(part, chunk_seconds)):
             # Under one analysis window (a cut just before the end) there are no frames; in a silent
             # chunk no words (the per-utterance normalization would make speech of its noise floor).
@@ -323,7 +327,7 @@ class Inputs(torch.utils.data.Dataset):
         return i, None if wave is None else torch.cat([self.pause, wave, self.pause]).numpy(), problem
 
 
-def decode_in_order(model, paths, seconds, device, args, spans, progress, longest=None):
+def decode_in_order(model, paths, seconds, device, args, spans, progress, typical=None):
     """(input index, text, words, problem) for every input, in input order, as each window of
     consecutive inputs is done (the first of one batch, each next twice as long, up to WINDOW_BATCHES).
     Workers read the audio while the model decodes; within a window the inputs are batched by length
@@ -345,7 +349,7 @@ def decode_in_order(model, paths, seconds, device, args, spans, progress, longes
         for items in loader:
             usable = [(i, torch.from_numpy(wave)) for i, wave, problem in items if wave is not None]
             results = transcribe(model, [wave for _, wave in usable], device, args.batch_seconds,
-                                 args.chunk_seconds, spans, args.bf16, longest) if usable else []
+                                 args.chunk_seconds, spans, args.bf16, typical) if usable else []
             done.update({i: (i, None, None, problem) for i, _, problem in items if problem})
             silent = {i: (i, "", [], problem) for i, _, problem in items if problem == data.SILENT}
             done.update(silent)  # no words, and the reason
@@ -397,7 +401,7 @@ def decode_inputs(args):
     """Decode as the parsed command line says, printing each transcript as it is ready. Raises
     InputError for a bad checkpoint, LM or lexicon (before any audio), or when nothing was decoded."""
     model, checkpoint = runs.build_from_checkpoint(args.checkpoint)
-    longest = utterance_seconds(checkpoint)
+    typical = utterance_seconds(checkpoint)
     spans = None  # greedy
     if args.lm or args.lexicon:
         settings = {name: BEAM_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
@@ -419,7 +423,7 @@ def decode_inputs(args):
     progress = ProgressLine(seconds, quiet=args.quiet or len(paths) < 2)
     scored, failed, silent = [], 0, 0
     for i, text, words, problem in decode_in_order(model, paths, seconds, device, args, spans, progress,
-                                                   longest):
+                                                   typical):
         utt_id, path, ref = utterances[i]
         progress.clear()  # a transcript on a terminal that shows stderr too starts a line of its own
         if problem == data.SILENT:  # nothing to say: an empty transcript, and why on stderr
@@ -451,14 +455,12 @@ def decode_inputs(args):
 
 
 def utterance_seconds(checkpoint):
-    """The longest recording the model reads whole: four times the mean of its training utterances, about
-    twice the longest (AN4: mean 2.7 s, longest 6.4 s), so that an utterance with a pause around it is
-    read whole (cut at its pauses, AN4 dev lost up to 2.7 points); None for a checkpoint that does not
-    say: every recording whole."""
+    """The mean length of the model's training utterances (AN4: 2.7 s, the longest 6.4 s), or None for a
+    checkpoint that does not say (every recording whole)."""
     train_set = checkpoint.get("train_set") or {}
     if not train_set.get("utterances"):
         return None
-    return 4 * train_set["seconds"] / train_set["utterances"]
+    return train_set["seconds"] / train_set["utterances"]
 
 
 class ProgressLine:

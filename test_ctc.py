@@ -1637,16 +1637,16 @@ def test_word_times_are_where_the_words_are_chunked_or_not_greedy_or_beam(tmp_pa
                              vocab=data.VOCAB)
     frame = 1 / 25
     cpu = torch.device("cpu")
-    results = {(chunk, longest, name): decode.transcribe(LoudnessModel(), [wave], cpu, 100, chunk, spans,
-                                                          longest=longest)[0]
-               for chunk, longest in ((60.0, None), (7.0, None), (60.0, 5.0))
+    results = {(chunk, typical, name): decode.transcribe(LoudnessModel(), [wave], cpu, 100, chunk, spans,
+                                                          typical=typical)[0]
+               for chunk, typical in ((60.0, None), (7.0, None), (60.0, 5.0))
                for name, spans in (("greedy", english_greedy), ("beam", beam))}
     for key, (text, words) in results.items():
         assert text == "ab ab ab ab", key
         for word, (start, end) in zip(words, spoken):
             assert abs(word["start"] - start) <= frame, (key, word)
             assert abs(word["end"] - end) <= frame, (key, word)
-    # Chunked, or cut at its pauses (longer than longest, above): times from the recording's start.
+    # Chunked, or cut at its pauses (far longer than typical, above): times from the recording's start.
     assert results[(60.0, None, "greedy")] == results[(7.0, None, "greedy")]
 
 
@@ -1655,12 +1655,16 @@ def test_a_recording_longer_than_the_models_utterances_is_cut_in_its_pauses_only
     pause = torch.zeros(int(decode.PAUSE_SECONDS * 1.5 * data.SAMPLE_RATE))
     short_pause = torch.zeros(int(decode.PAUSE_SECONDS * 0.5 * data.SAMPLE_RATE))
     wave = torch.cat([words, pause, words, short_pause, words, pause, words])
-    pieces = decode.split_at_pauses(wave, longest=2.0)
+    pieces = decode.split_at_pauses(wave, typical=0.5)
     middle = len(words) + len(pause) // 2
     assert abs(len(pieces[0]) - middle) < 4 * data.HOP  # in the pause's middle, within 40 ms
     assert len(pieces) == 3 and sum(map(len, pieces)) == len(wave)  # the short pause is left whole
-    assert decode.split_at_pauses(wave, longest=None) == [wave]
-    assert decode.split_at_pauses(wave, longest=len(wave) / data.SAMPLE_RATE) == [wave]  # not longer: whole
+    word = torch.from_numpy(tones("ab"))
+    many = torch.cat([torch.cat([word, pause]) for _ in range(20)])  # 20 pieces of 1.4 s, 28 s
+    grown = decode.split_at_pauses(many, typical=3.0)  # about two at a time: up to typical seconds
+    assert len(grown) in (10, 11) and max(map(len, grown)) <= 3.0 * data.SAMPLE_RATE
+    assert decode.split_at_pauses(wave, typical=None) == [wave]
+    assert decode.split_at_pauses(wave, typical=len(wave) / 4 / data.SAMPLE_RATE) == [wave]  # not longer
 
 
 def test_decode_timestamps_are_json_lines_in_input_order_for_a_single_file_too(tmp_path):
