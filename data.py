@@ -60,19 +60,12 @@ class InputError(Exception):
 
 
 def normalize(text, alphabet=ENGLISH):
-    """Lowercase, keep only the alphabet's symbols and single spaces. Returns (text, characters dropped,
-    characters folded: written without an accent or as their case folding). English strips accents
-    (café -> cafe). Another alphabet keeps them, in Unicode NFC (an é typed as e + accent is the one
-    symbol é); a letter it lacks is written without one of its accents (ệ -> ê), without all (é -> e) or
-    as its case folding (ß -> ss) if the alphabet has those, and a separator it lists (-, /, ...) stays.
-    İ is i; I is ı in a transcript that writes a letter only Turkish has, when the alphabet holds ı."""
-    if alphabet == ENGLISH:
-        lowered = unicodedata.normalize("NFC", text.lower().translate(SEPARATORS))
-        text = "".join(c for c in unicodedata.normalize("NFKD", lowered) if not unicodedata.combining(c))
-        kept = "".join(c if c in CHAR_TO_ID else " " if c.isspace() else "" for c in text)
-        dropped = sum(1 for c in text if c not in CHAR_TO_ID and not c.isspace())
-        folded = sum(1 for c in lowered if c not in CHAR_TO_ID and unicodedata.decomposition(c))  # é -> e
-        return " ".join(kept.split()).strip(" "), dropped, folded
+    """Lowercase, keep only the alphabet's symbols and single spaces, in Unicode NFC (an é typed as e +
+    accent is the one symbol é). Returns (text, characters dropped, characters folded). A letter the
+    alphabet lacks is written without one of its accents (ệ -> ê), without all (é -> e: English's a-z)
+    or as its case folding (ß -> ss) if the alphabet has those, else dropped; a separator it lacks (-,
+    /, dashes) is a space. İ is i; I is ı in a transcript that writes a letter only Turkish has, when
+    the alphabet holds ı."""
     symbols, separators = spelling_tables(alphabet)
     kept, dropped, folded = [], 0, 0
     for c in lowercase(text, turkish_casing(text, alphabet), separators):
