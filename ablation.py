@@ -208,7 +208,7 @@ def build(name):
 def letters_only_corpus(paths, out):
     """A TSV manifest of the corpora with transcripts reduced to a-z, for the letters-only rows."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    utterances = data.read_corpus(paths, log=lambda message: None)
+    utterances = data.read_corpus(paths, ENGLISH, log=lambda message: None)
     lines = [f"{Path(u['path']).resolve()}\t{''.join(c for c in u['text'] if c.isalpha())}\n"
              for u in utterances]
     out.write_text("".join(lines))
@@ -221,7 +221,7 @@ def join_utterances(paths, out, seed=0):
     if out.is_dir():
         return [str(out)]
     rng, by_speaker = random.Random(seed), {}
-    for u in data.read_corpus(paths, log=lambda message: None):
+    for u in data.read_corpus(paths, ENGLISH, log=lambda message: None):
         by_speaker.setdefault(Path(u["path"]).parent.parent.name, []).append(u)  # <speaker>/<chapter>/
     partial, gap = out.with_name(out.name + ".partial"), np.zeros(data.SAMPLE_RATE * 3 // 10, np.float32)
     for speaker, utterances in sorted(by_speaker.items()):
@@ -245,7 +245,7 @@ def inspect(model, dev_paths, samples=2):
     """After training, on the dev set: greedy letter CER, WER, blank share, each GRU layer's output
     standard deviation, the gradient norm of each block on one dev batch, and the greedy output
     of the `samples` longest utterances."""
-    utterances = data.read_corpus(dev_paths, log=lambda message: None)
+    utterances = data.read_corpus(dev_paths, ENGLISH, log=lambda message: None)
     dataset = data.AudioDataset(utterances, ENGLISH)
     batches = data.BucketBatches([u["seconds"] for u in utterances], 100, shuffle=False)
     sums = torch.zeros(len(model.layers), 3, dtype=torch.float64)   # per layer: n, sum, sum of squares
@@ -445,7 +445,7 @@ def check_out(args):
             raise data.InputError(f"--out {args.out} is inside the corpus {corpus}, which would then hold "
                                   f"the table's recordings; pick a folder outside it")
     for paths in (args.data, args.dev):  # a typo must not become a row's result
-        data.read_corpus(paths, log=lambda message: print(message, file=sys.stderr))
+        data.read_corpus(paths, ENGLISH, log=lambda message: print(message, file=sys.stderr))
     settings = {"minutes": args.minutes, "data": args.data, "dev": args.dev, "seed": args.seed,
                 "eval_every": args.eval_every}
     results_file = args.out / "results.json"

@@ -1,7 +1,7 @@
 """Corpora, text, audio, batches and the error rates they are scored by; and the error users see
 (InputError). download.py gets the corpora. Imports only model.py: with it, this file works alone.
 
-    corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"])   # or one path
+    corpus = read_corpus(["LibriSpeech/train-clean-100", "my_corpus.tsv"], ENGLISH)   # or one path
     corpus = filter_trainable(corpus, max_seconds=30, output_frames=model.output_lengths)
     batches = BucketBatches([u["seconds"] for u in corpus], batch_seconds=800, seed=0)
     loader = batch_loader(corpus, batches, ENGLISH, workers=2, pin_memory=False)   # model.config.alphabet
@@ -59,7 +59,7 @@ class InputError(Exception):
     'error: ...' and exits with status 1."""
 
 
-def normalize(text, alphabet=ENGLISH):
+def normalize(text, alphabet):
     """Lowercase, keep only the alphabet's symbols and single spaces, in Unicode NFC (an é typed as e +
     accent is the one symbol é). Returns (text, characters dropped, characters folded). A letter the
     alphabet lacks is written without one of its accents (ệ -> ê), without all (é -> e: English's a-z)
@@ -312,7 +312,7 @@ def audio_info(paths, cache_dir=None):
     return info
 
 
-def label_problem(raw, text, alphabet=ENGLISH):
+def label_problem(raw, text, alphabet):
     """Why a transcript (raw, and normalized: text) can be neither a training label nor a reference
     to score, or None."""
     if any(c.isdigit() and c not in alphabet for c in raw):  # dropped, the label would not be what is said
@@ -329,7 +329,7 @@ def header_problem(header):
     return TOO_SHORT if header[0] / header[1] < WINDOW / SAMPLE_RATE else None
 
 
-def read_corpus(paths, log=print, cache_dir=None, alphabet=ENGLISH):
+def read_corpus(paths, alphabet, log=print, cache_dir=None):
     """Read corpora (a path or a list of them) into a list of dicts {id, path, text, seconds}, the text
     normalized to the alphabet; log what was skipped and why; cache_dir: see audio_info. Raises
     InputError naming the path when one holds no usable transcripts."""

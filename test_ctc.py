@@ -5,6 +5,7 @@ no network; the tools' tests are in test_tools.py.
 """
 import argparse
 import contextlib
+import inspect
 import ast
 import fcntl
 import functools
@@ -30,6 +31,7 @@ import decode
 import download
 import health
 import lm
+import model as model_module
 import runs
 import train
 from data import InputError
@@ -193,9 +195,9 @@ def test_frequency_warp_moves_tones_as_a_scaled_vocal_tract_would():
 
 # ---------------------------------------------- data.py: text, corpora, audio, batches, error rates
 def test_normalize_lowercases_and_counts_what_it_drops_and_folds():
-    assert data.normalize("IT'S  Café-au-lait,\tno. 42!") == ("it's cafe au lait no", 5, 1)
-    assert data.normalize("Don\u2019t") == ("don't", 0, 0)
-    assert data.normalize("  ") == ("", 0, 0)
+    assert data.normalize("IT'S  Café-au-lait,\tno. 42!", ENGLISH) == ("it's cafe au lait no", 5, 1)
+    assert data.normalize("Don\u2019t", ENGLISH) == ("don't", 0, 0)
+    assert data.normalize("  ", ENGLISH) == ("", 0, 0)
     assert [data.VOCAB[i] for i in data.encode("it's a b", ENGLISH)] == list("it's a b")
 
 
@@ -271,7 +273,7 @@ def test_librispeech_reader_and_tsv_manifest_resample_and_downmix(tmp_path):
     stereo = np.stack([tones("dead", 44100), np.zeros(len(tones("dead", 44100)), np.float32)], 1)
     soundfile.write(tmp_path / "tsv/stereo.flac", stereo, 44100)
     (tmp_path / "tsv/list.tsv").write_text("low.wav\tLow!\n" + f"{tmp_path}/tsv/stereo.flac\tStereo?\n")
-    corpus = data.read_corpus([tmp_path / "ls", tmp_path / "tsv/list.tsv"], log=lambda m: None)
+    corpus = data.read_corpus([tmp_path / "ls", tmp_path / "tsv/list.tsv"], ENGLISH, log=lambda m: None)
     assert [u["id"] for u in corpus] == ids + ["low", "stereo"]
     assert [u["text"] for u in corpus] == ["abc", "ija", "low", "stereo"]
     low, stereo_wave = data.load_audio(corpus[2]["path"]), data.load_audio(corpus[3]["path"])
@@ -287,11 +289,11 @@ def test_librispeech_reader_and_tsv_manifest_resample_and_downmix(tmp_path):
 
 def test_durations_are_cached_between_starts(tmp_path, monkeypatch):
     write_librispeech(tmp_path / "ls", ["abc", "de"])
-    data.read_corpus(tmp_path / "ls", log=lambda m: None)  # a copier's call: no cache written
+    data.read_corpus(tmp_path / "ls", ENGLISH, log=lambda m: None)  # a copier's call: no cache written
     assert not (tmp_path / "cache").exists()
-    data.read_corpus(tmp_path / "ls", log=lambda m: None, cache_dir=tmp_path / "cache")
+    data.read_corpus(tmp_path / "ls", ENGLISH, log=lambda m: None, cache_dir=tmp_path / "cache")
     monkeypatch.setattr(soundfile, "info", lambda path: pytest.fail(f"header reread: {path}"))
-    assert len(data.read_corpus(tmp_path / "ls", log=lambda m: None, cache_dir=tmp_path / "cache")) == 2
+    assert len(data.read_corpus(tmp_path / "ls", ENGLISH, log=lambda m: None, cache_dir=tmp_path / "cache")) == 2
 
 
 def test_a_librispeech_layout_folder_of_wav_or_mp3_files_is_read_as_flac_would_be(tmp_path):
@@ -301,7 +303,7 @@ def test_a_librispeech_layout_folder_of_wav_or_mp3_files_is_read_as_flac_would_b
         wave = data.load_audio(folder / f"{utt_id}.flac").numpy()
         soundfile.write(folder / f"{utt_id}{suffix}", wave, 16000)
         (folder / f"{utt_id}.flac").unlink()
-    corpus = data.read_corpus(tmp_path / "ls", log=lambda m: None)  # one path, not a list
+    corpus = data.read_corpus(tmp_path / "ls", ENGLISH, log=lambda m: None)  # one path, not a list
     assert [Path(u["path"]).name for u in corpus] == [f"{ids[0]}.wav", f"{ids[1]}.mp3"]
 
 
@@ -314,7 +316,7 @@ def test_of_two_audio_files_for_one_id_the_readable_one_is_used_and_named(tmp_pa
         (folder / f"{utt_id}.flac").rename(folder / f"{utt_id}.m4a")  # sorts first; soundfile reads no m4a
         (folder / f"{utt_id}.m4a").write_bytes(b"\0\0\0\x20ftypM4A " + bytes(100))
     lines = []
-    corpus = data.read_corpus(tmp_path / "ls", log=lines.append)
+    corpus = data.read_corpus(tmp_path / "ls", ENGLISH, log=lines.append)
     assert [Path(u["path"]).name for u in corpus] == [f"{ids[0]}.wav", f"{ids[1]}.wav"]
     assert any("several audio files" in line and f"{ids[0]}.wav" in line for line in lines), lines
     assert not any("without transcript" in line for line in lines), lines
@@ -403,18 +405,18 @@ def test_text_files_linked_folders_and_unreadable_folders(tmp_path, monkeypatch)
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
     monkeypatch.setattr(os, "scandir", scandir)
-    corpus = data.read_corpus([tmp_path / "corpus"], log=log.append)
+    corpus = data.read_corpus([tmp_path / "corpus"], ENGLISH, log=log.append)
     assert sorted(u["text"] for u in corpus) == ["abc", "de", "fg"]
     assert any("folder not readable: 1" in m and str(tmp_path / "corpus/9") in m for m in log)
     # Manifests: a byte-order mark is ignored; text that is not UTF-8 names its file and line.
     soundfile.write(tmp_path / "a.wav", tones("abc"), 16000)
     (tmp_path / "bom.tsv").write_text("\ufeffa.wav\tABC\n", encoding="utf-8")
-    assert [u["text"] for u in data.read_corpus([tmp_path / "bom.tsv"], log=lambda m: None)] == ["abc"]
+    assert [u["text"] for u in data.read_corpus([tmp_path / "bom.tsv"], ENGLISH, log=lambda m: None)] == ["abc"]
     (tmp_path / "latin1.tsv").write_bytes("a.wav\tABC\na.wav\tCAF\u00c9\n".encode("latin-1"))
     (tmp_path / "binary.tsv").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     for path, line in [(tmp_path / "latin1.tsv", 2), (tmp_path / "binary.tsv", 1)]:
         with pytest.raises(data.InputError) as error:
-            data.read_corpus([path], log=lambda m: None)
+            data.read_corpus([path], ENGLISH, log=lambda m: None)
         assert f"{path}:{line}: not UTF-8" in str(error.value)
 
 
@@ -422,11 +424,11 @@ def test_manifests_have_two_columns_digits_are_skipped_and_ids_are_unique(tmp_pa
     soundfile.write(tmp_path / "a.flac", tones("abc"), 16000)
     (tmp_path / "three.tsv").write_text("a.flac\t3.40\tabc\n")
     with pytest.raises(data.InputError, match=r"three.tsv:1: expected two tab-separated columns"):
-        data.read_corpus([tmp_path / "three.tsv"])
+        data.read_corpus([tmp_path / "three.tsv"], ENGLISH)
     with pytest.raises(data.InputError, match="is an audio file"):
-        data.read_corpus([tmp_path / "a.flac"])
+        data.read_corpus([tmp_path / "a.flac"], ENGLISH)
     (tmp_path / "mixed.txt").write_text("a.flac\tabc\na.flac\troom 101\n")  # any name but .flac/.wav
-    corpus = data.read_corpus([tmp_path / "mixed.txt"])
+    corpus = data.read_corpus([tmp_path / "mixed.txt"], ENGLISH)
     assert [u["text"] for u in corpus] == ["abc"]
     assert "transcript holds digits (spell numbers out): 1" in capsys.readouterr().out
     model = CTCModel(ModelConfig(rnn_layers=1, rnn_hidden=8, conv_channels=2))
@@ -1198,10 +1200,10 @@ def test_a_loop_that_raises_gives_ctrl_c_and_sigterm_back(tmp_path, monkeypatch)
 def test_a_duration_cache_of_the_wrong_shape_is_rewritten(tmp_path):
     train_dir, _ = make_corpus(tmp_path, 4, 2)
     cache = runs.cache_dir()
-    data.read_corpus([train_dir], log=lambda m: None, cache_dir=cache)
+    data.read_corpus([train_dir], ENGLISH, log=lambda m: None, cache_dir=cache)
     for cache_file in cache.iterdir():
         cache_file.write_text("[]")  # valid JSON of the wrong shape: ignored and rewritten
-    assert len(data.read_corpus([train_dir], log=lambda m: None, cache_dir=cache)) == 4
+    assert len(data.read_corpus([train_dir], ENGLISH, log=lambda m: None, cache_dir=cache)) == 4
     assert all(isinstance(json.loads(f.read_text()), dict) for f in cache.iterdir())
 
 
@@ -1248,7 +1250,7 @@ def test_two_ranks_with_gloo_end_with_identical_weights_and_one_checkpoint(tmp_p
     written = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert written == ["best.pt", "last.pt", "metrics.jsonl", "train.lock"]
     # Each rank took its own half of every epoch's batches: the steps are half the batches.
-    seconds = [u["seconds"] for u in data.read_corpus([train_dir], log=lambda m: None)]
+    seconds = [u["seconds"] for u in data.read_corpus([train_dir], ENGLISH, log=lambda m: None)]
     sampler = data.BucketBatches(seconds, 6.0, world_size=2)
     assert len(sampler) == len(data.BucketBatches(seconds, 6.0)) // 2
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 2 * len(sampler)
@@ -1565,6 +1567,22 @@ def test_decoding_takes_the_models_symbols_never_english_by_default():
     assert greedy_decode(log_probs, torch.tensor([4]), vocabulary("xyz")) == ["xyz"]
 
 
+def test_no_core_function_falls_back_on_english_symbols():
+    """A model knows its symbols: every core function that needs them is given them."""
+    english = []
+    for module in (model_module, data, health, runs, train, decode):
+        for name, member in inspect.getmembers(module, lambda m: inspect.isfunction(m) or inspect.isclass(m)):
+            function = member.__init__ if inspect.isclass(member) else member
+            if getattr(member, "__module__", None) != module.__name__ or not inspect.isfunction(function):
+                continue
+            if member is ModelConfig:  # a new model's symbols: English unless told
+                continue
+            for parameter in inspect.signature(function).parameters.values():
+                if parameter.default is ENGLISH or parameter.default is data.VOCAB:
+                    english.append(f"{module.__name__}.{name}({parameter.name})")
+    assert english == []
+
+
 def test_a_lexicon_in_another_spelling_and_the_words_it_loses_are_told(tmp_path):
     (tmp_path / "words.txt").write_text("dog\ne-mail\ncat\n", encoding="utf-8")
     notes = []
@@ -1829,7 +1847,7 @@ COPIED_CORE_SCRIPT = """
 import sys, torch
 import data, model
 assert {"data", "model"} <= set(sys.modules) and not {"runs", "train", "decode"} & set(sys.modules)
-corpus = data.read_corpus([sys.argv[1]], log=lambda line: None)
+corpus = data.read_corpus([sys.argv[1]], model.ENGLISH, log=lambda line: None)
 batches = data.BucketBatches([u["seconds"] for u in corpus], batch_seconds=8, seed=0)
 loader = data.batch_loader(corpus, batches, model.ENGLISH, workers=0, pin_memory=False)
 net = model.CTCModel(model.ModelConfig(rnn_layers=1, rnn_hidden=16, conv_channels=4, freq_masks=0,

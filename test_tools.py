@@ -64,7 +64,7 @@ def test_download_resumes_verifies_md5_extracts_and_skips_present_subsets(tmp_pa
     assert not (root / "LibriSpeech").exists()
     download.main(list(map(str, command[1:])))
     assert server.ranges == [0, len(archive) // 2]  # the second request continued the first
-    corpus = data.read_corpus([root / "LibriSpeech" / "dev-clean"], log=lambda m: None)
+    corpus = data.read_corpus([root / "LibriSpeech" / "dev-clean"], ENGLISH, log=lambda m: None)
     assert [u["text"] for u in corpus] == ["abc", "de"]
     assert (root / "LibriSpeech" / "README.TXT").exists() and not list(root.glob("*.part"))
     again = run_script(*command)
@@ -113,7 +113,7 @@ def test_mini_librispeech_comes_from_openslr_31_and_only_with_its_published_md5(
         assert "MD5" in str(refused.value) and not list(root.iterdir())
     server.files[f"{subset}.tar.gz"] = archive
     download.main(command)
-    corpus = data.read_corpus([root / "LibriSpeech" / subset], log=lambda m: None)
+    corpus = data.read_corpus([root / "LibriSpeech" / subset], ENGLISH, log=lambda m: None)
     assert [u["text"] for u in corpus] == ["abc", "de"]
 
 
@@ -165,7 +165,7 @@ def test_download_an4_writes_librispeech_layout_splits_by_speaker_and_resumes(tm
     assert server.ranges[-2:] == [0, len(archive) // 3]  # the second request continued the first
     assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["AN4"]
 
-    splits = {split: data.read_corpus([tmp_path / "root/AN4" / split], log=lambda m: None)
+    splits = {split: data.read_corpus([tmp_path / "root/AN4" / split], ENGLISH, log=lambda m: None)
               for split in ("train", "dev", "test")}
     texts = {u["id"]: u["text"] for corpus in splits.values() for u in corpus}
     assert texts == {"an251-fash-b": "yes", "cen1-fash-b": "p i t t s b u r g h",

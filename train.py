@@ -291,14 +291,14 @@ def cpu_has_bf16():
 def read_data(args, model, log):
     """(training utterances, dev utterances); InputError naming the data if it is unusable."""
     try:
-        train_set = data.read_corpus(args.data, log, runs.cache_dir(), args.alphabet)
+        train_set = data.read_corpus(args.data, args.alphabet, log, runs.cache_dir())
         train_set = data.filter_trainable(train_set, args.max_seconds, model.output_lengths, log)
         train_set = train_set[:args.overfit] if args.overfit else train_set
         if not train_set:
             raise InputError(f"no trainable utterances left in {' '.join(args.data)} (see the counts above)")
         if args.overfit:
             return train_set, train_set
-        return train_set, data.read_corpus(args.dev, log, runs.cache_dir(), args.alphabet)
+        return train_set, data.read_corpus(args.dev, args.alphabet, log, runs.cache_dir())
     except InputError as e:
         raise runs.moved_corpus_error(e, args) from None
 
