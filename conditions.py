@@ -80,8 +80,8 @@ def main(argv=None):
     p.add_argument("--slam-dbfs", type=float, help="add a knock: noise with this peak, decaying in 0.1 s")
     p.add_argument("--join", type=float, metavar="SECONDS", help="join each folder's utterances into one "
                    "recording, each followed by its quietest this many seconds")
-    p.add_argument("--alphabet", metavar="FILE", help="the transcripts' alphabet, one symbol a line (default: "
-                   "English's)")
+    p.add_argument("--alphabet", metavar="FILE", help="the transcripts' alphabet, one symbol a line "
+                   "(default: English's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:

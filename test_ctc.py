@@ -293,7 +293,8 @@ def test_durations_are_cached_between_starts(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
     data.read_corpus(tmp_path / "ls", ENGLISH, log=lambda m: None, cache_dir=tmp_path / "cache")
     monkeypatch.setattr(soundfile, "info", lambda path: pytest.fail(f"header reread: {path}"))
-    assert len(data.read_corpus(tmp_path / "ls", ENGLISH, log=lambda m: None, cache_dir=tmp_path / "cache")) == 2
+    cached = data.read_corpus(tmp_path / "ls", ENGLISH, log=lambda m: None, cache_dir=tmp_path / "cache")
+    assert len(cached) == 2
 
 
 def test_a_librispeech_layout_folder_of_wav_or_mp3_files_is_read_as_flac_would_be(tmp_path):
@@ -411,7 +412,8 @@ def test_text_files_linked_folders_and_unreadable_folders(tmp_path, monkeypatch)
     # Manifests: a byte-order mark is ignored; text that is not UTF-8 names its file and line.
     soundfile.write(tmp_path / "a.wav", tones("abc"), 16000)
     (tmp_path / "bom.tsv").write_text("\ufeffa.wav\tABC\n", encoding="utf-8")
-    assert [u["text"] for u in data.read_corpus([tmp_path / "bom.tsv"], ENGLISH, log=lambda m: None)] == ["abc"]
+    bom = data.read_corpus([tmp_path / "bom.tsv"], ENGLISH, log=lambda m: None)
+    assert [u["text"] for u in bom] == ["abc"]
     (tmp_path / "latin1.tsv").write_bytes("a.wav\tABC\na.wav\tCAF\u00c9\n".encode("latin-1"))
     (tmp_path / "binary.tsv").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     for path, line in [(tmp_path / "latin1.tsv", 2), (tmp_path / "binary.tsv", 1)]:
