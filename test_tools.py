@@ -24,6 +24,7 @@ from flashlight.lib.text.decoder.kenlm import KenLM
 from flashlight.lib.text.dictionary import create_word_dict
 
 import ablation
+import conditions
 import data
 import decode
 import download
@@ -616,3 +617,27 @@ def test_plot_reads_a_resumed_and_a_killed_run_and_draws_them(tmp_path, capsys):
     plot.main([str(run), "--out", str(tmp_path / "named")])  # no suffix: written and reported as .png
     assert (tmp_path / "named.png").exists() and f"{tmp_path / 'named.png'}: 1 run" in capsys.readouterr().err
 
+
+
+# ------------------------------------------------------------------------------ conditions.py
+def test_conditions_writes_scaled_paused_and_joined_copies_and_changes_nothing_in_place(tmp_path):
+    ids = write_librispeech(tmp_path / "ls", ["abc", "jih", "abcab"])
+    before = {p: p.read_bytes() for p in (tmp_path / "ls").rglob("*") if p.is_file()}
+    originals = [data.load_audio(tmp_path / f"ls/19/198/{i}.flac").numpy() for i in ids]
+    conditions.main([str(tmp_path / "ls"), str(tmp_path / "quiet"), "--gain-db", "-50"])
+    conditions.main([str(tmp_path / "ls"), str(tmp_path / "paused"), "--pause", "1", "--floor-dbfs", "-80"])
+    conditions.main([str(tmp_path / "ls"), str(tmp_path / "joined"), "--join", "0.03"])
+    quiet = soundfile.read(tmp_path / f"quiet/{ids[0]}.flac")[0]
+    assert np.allclose(quiet, originals[0] * 10 ** (-50 / 20), atol=2 ** -22)  # 24-bit: the scaled samples
+    paused = soundfile.read(tmp_path / f"paused/{ids[1]}.flac")[0]
+    assert len(paused) == len(originals[1]) + 2 * 16000
+    assert np.sqrt(np.mean(paused[:16000] ** 2)) == pytest.approx(10 ** (-80 / 20), rel=0.05)
+    lines = (tmp_path / "joined/list.tsv").read_text().splitlines()
+    assert lines == [f"{ids[0]}-joined3.flac\tabc jih abcab"]  # the folder's utterances, in order
+    joined = soundfile.read(tmp_path / f"joined/{ids[0]}-joined3.flac")[0]
+    assert len(joined) == sum(len(w) for w in originals) + 3 * int(0.03 * 16000)
+    read_back = data.read_corpus(tmp_path / "joined/list.tsv", ENGLISH, log=lambda m: None)
+    assert read_back[0]["text"] == "abc jih abcab"
+    assert {p: p.read_bytes() for p in (tmp_path / "ls").rglob("*") if p.is_file()} == before
+    with pytest.raises(SystemExit, match="exists; name a new folder"):
+        conditions.main([str(tmp_path / "ls"), str(tmp_path / "quiet")])
