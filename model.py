@@ -200,7 +200,8 @@ class CTCModel(nn.Module):
         """(B, 1) dB: the level that the loudest reference_ms of each utterance's frames reach, together:
         the k-th loudest real frame (all of them, if fewer)."""
         loudest_first = level.masked_fill(~real, -torch.inf).sort(1, descending=True).values
-        k = (real.sum(1, keepdim=True).clamp(max=self.config.reference_ms // 10) - 1).clamp(min=0)
+        frames = self.config.reference_ms * FRAMES_PER_SECOND // 1000
+        k = (real.sum(1, keepdim=True).clamp(max=frames) - 1).clamp(min=0)
         return loudest_first.gather(1, k).clamp(min=-300)
 
     def warp_frequencies(self, x, factor):
